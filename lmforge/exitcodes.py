@@ -1,0 +1,23 @@
+"""Process exit codes of the lmforge commands, shared by the trainer and the operator.
+
+The operator classifies a failed pod by its exit code: ``INVALID_SPEC`` is fatal (retrying the
+same manifest cannot help), ``RETRYABLE`` and signals are worth a gang restart.
+"""
+
+OK = 0
+PROBLEMS_FOUND = 1
+"""`lmforge validate` / `crds --check`: the input has problems (the usual linter convention)."""
+USAGE = 2
+"""Wrong command-line usage (typer/click's own code)."""
+RETRYABLE = 75
+"""A transient fault (rendezvous timeout, storage outage, peer lost): restart from a checkpoint."""
+INVALID_SPEC = 78
+"""The manifest is invalid for this run (EX_CONFIG): fix the spec; never retried."""
+
+DESCRIPTIONS = {
+    OK: "success",
+    PROBLEMS_FOUND: "problems found in the input (validate, crds --check)",
+    USAGE: "command-line usage error",
+    RETRYABLE: "retryable fault: the operator restarts the gang from the newest checkpoint",
+    INVALID_SPEC: "invalid spec: fix the manifest; the operator fails the job without retrying",
+}
