@@ -71,6 +71,167 @@ def crds(
         typer.echo(f"wrote {path}")
 
 
+def _load_training_job(path: Path):  # noqa: ANN202 - TrainingJob, imported lazily
+    from lmforge.api.loading import load_one
+
+    manifest, problems = load_one(path, kind="TrainingJob")
+    if problems:
+        print_problems(problems)
+        raise typer.Exit(exitcodes.INVALID_SPEC)
+    return manifest
+
+
+@app.command()
+def run(
+    manifest: Annotated[Path, typer.Argument(help="TrainingJob manifest.")],
+    processes: Annotated[
+        int | None,
+        typer.Option("--processes", "-n", min=1, help="Processes on this node (default: spec.resources)."),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Torch threads per process on CPU (default: cores / processes).")
+    ] = None,
+) -> None:
+    """Train a TrainingJob here (locally, or as the entry point of each pod)."""
+    from lmforge.trainer.launch import launch
+
+    job = _load_training_job(manifest)
+    outcome = launch(job, processes=processes, threads=threads)
+    if outcome.message:
+        typer.echo(typer.style("error: ", fg="red", bold=True) + outcome.message, err=True)
+    if outcome.result:
+        _print_summary(outcome.result)
+    raise typer.Exit(outcome.exit_code)
+
+
+def _print_summary(result: dict) -> None:
+    import math
+
+    typer.echo("")
+    typer.echo(typer.style("Training finished", bold=True))
+    lines = [
+        ("steps", f"{result['steps']}" + (f" (resumed at {result['resumed_from']})" if result.get("resumed_from") else "")),
+        ("tokens", f"{result['tokens']:,}"),
+        ("final loss", f"{result['final_loss']:.4f}" if result.get("final_loss") is not None else "-"),
+        (
+            "eval loss",
+            f"{result['final_eval_loss']:.4f} (perplexity {math.exp(min(result['final_eval_loss'], 50)):.1f})"
+            if result.get("final_eval_loss") is not None
+            else "-",
+        ),
+        ("tokens/s", f"{result['tokens_per_second']:,.0f}"),
+        ("peak lr", f"{result['peak_lr']:.3g}" if result.get("peak_lr") else "-"),
+        ("time", f"{result['seconds']:.0f}s"),
+        ("model", result.get("model_uri") or "-"),
+    ]
+    for name, value in lines:
+        typer.echo(f"  {name:<11}{value}")
+
+
+@app.command(name="lr-find")
+def lr_find(
+    manifest: Annotated[Path, typer.Argument(help="TrainingJob manifest.")],
+    processes: Annotated[int | None, typer.Option("--processes", "-n", min=1, help="Processes on this node.")] = None,
+) -> None:
+    """Run the LR range test of spec.training.lrFinder; save lr_finder.png and print the suggestion."""
+    from lmforge.trainer.launch import launch
+
+    job = _load_training_job(manifest)
+    outcome = launch(job, processes=processes, mode="lr-find")
+    if outcome.message:
+        typer.echo(typer.style("error: ", fg="red", bold=True) + outcome.message, err=True)
+    if outcome.result:
+        typer.echo(f"suggested learning rate: {outcome.result['suggestion']:.3g}")
+    raise typer.Exit(outcome.exit_code)
+
+
+def _model_dir(model: str, s3_endpoint: str | None) -> Path:
+    """A local directory for a model given as a path, file:// or s3:// URI."""
+    if "://" not in model:
+        return Path(model)
+    from lmforge.api.common import S3Settings
+    from lmforge.api.training import TrainingJobSpec
+    from lmforge.trainer.loop import _materialize
+
+    settings = S3Settings(endpoint=s3_endpoint, addressing_style="path" if s3_endpoint else "auto")
+    spec = TrainingJobSpec.model_construct(s3=settings)
+    return _materialize(model, spec)
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="Exported model: directory, file:// or s3:// URI.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate.")] = 100,
+    beams: Annotated[int, typer.Option(min=1, help="Beam search with this many beams (1: no beam search).")] = 1,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 means greedy.")] = 0.0,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint for s3:// models.")] = None,
+) -> None:
+    """Continue a prompt with greedy decoding, beam search or sampling (KV-cached)."""
+    from lmforge.trainer.export import load_model
+    from lmforge.trainer.generate import generate as run_generation
+
+    directory = _model_dir(model, s3_endpoint)
+    if not (directory / "lmforge_model.json").exists():
+        typer.echo(f"error: {model} is not an exported lmforge model (no lmforge_model.json)", err=True)
+        raise typer.Exit(exitcodes.PROBLEMS_FOUND)
+    net, tokenizer = load_model(directory)
+    ids = tokenizer.encode(prompt).ids
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    if not ids:
+        ids = [eot]
+    room = net.config.context_length - len(ids)
+    if room < 1:
+        typer.echo(f"error: the prompt has {len(ids)} tokens; the model's context is {net.config.context_length}", err=True)
+        raise typer.Exit(exitcodes.USAGE)
+    if beams > 1:
+        strategy = "beam"
+    elif temperature > 0 or top_k is not None or top_p is not None:
+        strategy = "sample"
+    else:
+        strategy = "greedy"
+    new = run_generation(
+        net,
+        ids,
+        min(max_new_tokens, room),
+        strategy=strategy,
+        temperature=temperature or 1.0,
+        top_k=top_k,
+        top_p=top_p,
+        beams=beams,
+        eos_token_id=eot,
+        seed=seed,
+    )
+    typer.echo(prompt + tokenizer.decode(new))
+
+
+@app.command()
+def report(
+    output: Annotated[str, typer.Argument(help="Run output: directory, file:// or s3:// URI.")],
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint for s3:// outputs.")] = None,
+) -> None:
+    """Plot loss, eval loss, lr and tokens/s from metrics.jsonl and print a summary."""
+    from lmforge.trainer.report import plot_curves, read_metrics, summarize
+
+    if "://" in output and not output.startswith("file://"):
+        directory = _model_dir(output, s3_endpoint)
+    else:
+        from lmforge.data.storage import local_path
+
+        directory = local_path(output) if output.startswith("file://") else Path(output)
+    metrics = directory / "metrics.jsonl"
+    if not metrics.exists():
+        typer.echo(f"error: no metrics.jsonl in {output}; pass the output.uri of a run", err=True)
+        raise typer.Exit(exitcodes.PROBLEMS_FOUND)
+    records = read_metrics(metrics)
+    typer.echo(summarize(records))
+    plot_curves(records, directory / "report.png")
+    typer.echo(f"curves: {directory / 'report.png'}")
+
+
 @app.command(name="exit-codes")
 def exit_codes() -> None:
     """List the exit codes lmforge commands use (the operator relies on them)."""

@@ -60,6 +60,14 @@ _URI_RE = re.compile(URI_PATTERN)
 
 
 def _check_uri(value: str) -> str:
+    if value.startswith("s3://") and not _URI_RE.match(value):
+        bucket = value[5:].split("/", 1)[0]
+        raise PydanticCustomError(
+            "uri",
+            "bucket name '{bucket}' is not valid; S3 bucket names have 3 to 63 lower-case "
+            "letters, digits, dots or hyphens (s3://BUCKET/PREFIX)",
+            {"bucket": bucket},
+        )
     if not _URI_RE.match(value):
         raise PydanticCustomError(
             "uri",

@@ -86,7 +86,7 @@ class AnnotationRules(SpecModel):
     def _labels_need_field(self) -> AnnotationRules:
         if self.allowed_labels and not self.label_field:
             raise rule_error(
-                "labelField", "allowedLabels is set, so name the field that holds the label"
+                "labelField", "allowedLabels is set, so set labelField to the field that holds the label"
             )
         if self.max_chars is not None and self.max_chars < self.min_chars:
             raise rule_error(

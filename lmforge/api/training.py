@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
+from pydantic import PlainValidator, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
 from lmforge.api.base import SpecModel, Uri, describe, rule_error
