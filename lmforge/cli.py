@@ -50,9 +50,7 @@ def validate(
 
 @app.command()
 def crds(
-    check: Annotated[
-        bool, typer.Option("--check", help="Exit 1 if the CRD files differ from the models.")
-    ] = False,
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 if the CRD files differ from the models.")] = False,
     root: Annotated[Path, typer.Option(help="Repository root that holds crds/.")] = Path("."),
 ) -> None:
     """Write crds/*.yaml (and the Helm chart's copy) from the API models."""
@@ -110,7 +108,10 @@ def _print_summary(result: dict) -> None:
     typer.echo("")
     typer.echo(typer.style("Training finished", bold=True))
     lines = [
-        ("steps", f"{result['steps']}" + (f" (resumed at {result['resumed_from']})" if result.get("resumed_from") else "")),
+        (
+            "steps",
+            f"{result['steps']}" + (f" (resumed at {result['resumed_from']})" if result.get("resumed_from") else ""),
+        ),
         ("tokens", f"{result['tokens']:,}"),
         ("final loss", f"{result['final_loss']:.4f}" if result.get("final_loss") is not None else "-"),
         (
@@ -185,7 +186,9 @@ def generate(
         ids = [eot]
     room = net.config.context_length - len(ids)
     if room < 1:
-        typer.echo(f"error: the prompt has {len(ids)} tokens; the model's context is {net.config.context_length}", err=True)
+        typer.echo(
+            f"error: the prompt has {len(ids)} tokens; the model's context is {net.config.context_length}", err=True
+        )
         raise typer.Exit(exitcodes.USAGE)
     if beams > 1:
         strategy = "beam"

@@ -92,7 +92,10 @@ def test_every_field_is_described_for_kubectl_explain(definition: Any) -> None:
 @pytest.mark.parametrize("definition", KIND_DEFINITIONS, ids=lambda k: k.kind)
 def test_printer_columns_point_at_status_fields(definition: Any) -> None:
     schema = object_schema(definition)
-    expected = {"TrainingJob": ["Phase", "Step", "Loss", "Tokens/s", "Age"], "CompressionJob": ["Phase", "Ratio", "PPL Δ", "Age"]}
+    expected = {
+        "TrainingJob": ["Phase", "Step", "Loss", "Tokens/s", "Age"],
+        "CompressionJob": ["Phase", "Ratio", "PPL Δ", "Age"],
+    }
     assert [c["name"] for c in definition.printer_columns] == expected[definition.kind]
     for column in definition.printer_columns:
         node: dict[str, Any] = schema
@@ -159,12 +162,37 @@ def test_example_validates_against_models_and_crd(path: Path) -> None:
 
 # Single-field mistakes the API server must refuse too (cross-field rules live in the models only).
 CRD_REJECTS = [
-    "missing-spec-data", "empty-sources", "http-source", "bad-output-uri", "bad-bucket",
-    "unknown-top-field", "unknown-nested", "string-int", "negative-layers", "absurd-width",
-    "float-steps", "bad-attention", "bad-stage", "validation-fraction", "bad-precision",
-    "zero-stage-4", "bad-quantity", "zero-nodes", "bad-toleration", "sources-not-list",
-    "model-not-mapping", "betas-length", "bad-secret-name", "bad-endpoint", "bad-script", "tiny-vocab",
-    "cj-no-steps", "cj-bad-quant", "cj-sparsity", "cj-gate-negative", "cj-temperature",
+    "missing-spec-data",
+    "empty-sources",
+    "http-source",
+    "bad-output-uri",
+    "bad-bucket",
+    "unknown-top-field",
+    "unknown-nested",
+    "string-int",
+    "negative-layers",
+    "absurd-width",
+    "float-steps",
+    "bad-attention",
+    "bad-stage",
+    "validation-fraction",
+    "bad-precision",
+    "zero-stage-4",
+    "bad-quantity",
+    "zero-nodes",
+    "bad-toleration",
+    "sources-not-list",
+    "model-not-mapping",
+    "betas-length",
+    "bad-secret-name",
+    "bad-endpoint",
+    "bad-script",
+    "tiny-vocab",
+    "cj-no-steps",
+    "cj-bad-quant",
+    "cj-sparsity",
+    "cj-gate-negative",
+    "cj-temperature",
     "cj-unknown-step-field",
 ]
 

@@ -77,7 +77,9 @@ CASES = [
     ),
     (
         "window-too-big",
-        with_change(TRAINING, "spec.model", {"contextLength": 128, "attention": {"type": "slidingWindow", "window": 256}}),
+        with_change(
+            TRAINING, "spec.model", {"contextLength": 128, "attention": {"type": "slidingWindow", "window": 256}}
+        ),
         "spec.model.attention.window",
         "contextLength",
     ),
@@ -87,7 +89,12 @@ CASES = [
         "spec.model.attention.window",
         "needs window",
     ),
-    ("bad-attention", with_change(TRAINING, "spec.model.attention", {"type": "sparse"}), "spec.model.attention.type", "slidingWindow"),
+    (
+        "bad-attention",
+        with_change(TRAINING, "spec.model.attention", {"type": "sparse"}),
+        "spec.model.attention.type",
+        "slidingWindow",
+    ),
     ("bad-stage", with_change(TRAINING, "spec.stage", "pretraining"), "spec.stage", "did you mean 'pretrain'"),
     ("finetune-no-init", with_change(TRAINING, "spec.stage", "finetune"), "spec.model.initialModel", "initialModel"),
     ("continual-no-init", with_change(TRAINING, "spec.stage", "continual"), "spec.model.initialModel", "earlier job"),
@@ -114,50 +121,180 @@ CASES = [
         "lrFinder",
     ),
     ("lr-word", with_change(TRAINING, "spec.training.optimizer", {"lr": "fast"}), "spec.training.optimizer.lr", "auto"),
-    ("lr-negative", with_change(TRAINING, "spec.training.optimizer", {"lr": -0.1}), "spec.training.optimizer.lr", "out of range"),
+    (
+        "lr-negative",
+        with_change(TRAINING, "spec.training.optimizer", {"lr": -0.1}),
+        "spec.training.optimizer.lr",
+        "out of range",
+    ),
     ("nan-dropout", with_change(TRAINING, "spec.model.dropout", float("nan")), "spec.model.dropout", "finite"),
-    ("beta-range", with_change(TRAINING, "spec.training.optimizer", {"betas": [0.9, 1.5]}), "spec.training.optimizer.betas[1]", "[0, 1)"),
-    ("betas-length", with_change(TRAINING, "spec.training.optimizer", {"betas": [0.9]}), "spec.training.optimizer.betas", "at least 2"),
-    ("finder-order", with_change(TRAINING, "spec.training.lrFinder", {"minLr": 0.1, "maxLr": 0.01}), "spec.training.lrFinder.maxLr", "greater than minLr"),
-    ("steps-and-tokens", with_change(TRAINING, "spec.training", {"maxSteps": 5, "maxTokens": 5}), "spec.training.maxTokens", "not both"),
-    ("bad-precision", with_change(TRAINING, "spec.training.precision", "bf61"), "spec.training.precision", "did you mean 'bf16'"),
+    (
+        "beta-range",
+        with_change(TRAINING, "spec.training.optimizer", {"betas": [0.9, 1.5]}),
+        "spec.training.optimizer.betas[1]",
+        "[0, 1)",
+    ),
+    (
+        "betas-length",
+        with_change(TRAINING, "spec.training.optimizer", {"betas": [0.9]}),
+        "spec.training.optimizer.betas",
+        "at least 2",
+    ),
+    (
+        "finder-order",
+        with_change(TRAINING, "spec.training.lrFinder", {"minLr": 0.1, "maxLr": 0.01}),
+        "spec.training.lrFinder.maxLr",
+        "greater than minLr",
+    ),
+    (
+        "steps-and-tokens",
+        with_change(TRAINING, "spec.training", {"maxSteps": 5, "maxTokens": 5}),
+        "spec.training.maxTokens",
+        "not both",
+    ),
+    (
+        "bad-precision",
+        with_change(TRAINING, "spec.training.precision", "bf61"),
+        "spec.training.precision",
+        "did you mean 'bf16'",
+    ),
     ("fp16-on-cpu", with_change(TRAINING, "spec.training.precision", "fp16"), "spec.training.precision", "needs a GPU"),
-    ("zero-stage-4", with_change(TRAINING, "spec.training.zero", {"stage": 4}), "spec.training.zero.stage", "at most 3"),
-    ("offload-params-stage", with_change(TRAINING, "spec.training.zero", {"stage": 2, "offloadParams": "cpu"}), "spec.training.zero.offloadParams", "stage 3"),
-    ("inline-credentials", with_change(TRAINING, "spec.s3", {"secretAccessKey": "abc"}), "spec.s3.secretAccessKey", "credentialsSecret"),
+    (
+        "zero-stage-4",
+        with_change(TRAINING, "spec.training.zero", {"stage": 4}),
+        "spec.training.zero.stage",
+        "at most 3",
+    ),
+    (
+        "offload-params-stage",
+        with_change(TRAINING, "spec.training.zero", {"stage": 2, "offloadParams": "cpu"}),
+        "spec.training.zero.offloadParams",
+        "stage 3",
+    ),
+    (
+        "inline-credentials",
+        with_change(TRAINING, "spec.s3", {"secretAccessKey": "abc"}),
+        "spec.s3.secretAccessKey",
+        "credentialsSecret",
+    ),
     ("bad-endpoint", with_change(TRAINING, "spec.s3", {"endpoint": "minio:9000"}), "spec.s3.endpoint", "expected form"),
-    ("bad-secret-name", with_change(TRAINING, "spec.s3", {"credentialsSecret": "S3_Creds"}), "spec.s3.credentialsSecret", "Kubernetes name"),
+    (
+        "bad-secret-name",
+        with_change(TRAINING, "spec.s3", {"credentialsSecret": "S3_Creds"}),
+        "spec.s3.credentialsSecret",
+        "Kubernetes name",
+    ),
     ("bad-quantity", with_change(TRAINING, "spec.resources.memory", "lots"), "spec.resources.memory", "16Gi"),
     ("negative-quantity", with_change(TRAINING, "spec.resources.cpu", -2), "spec.resources.cpu", "negative"),
     ("zero-nodes", with_change(TRAINING, "spec.resources.nodes", 0), "spec.resources.nodes", "at least 1"),
-    ("processes-vs-gpus", with_change(TRAINING, "spec.resources", {"gpusPerNode": 4, "processesPerNode": 2}), "spec.resources.processesPerNode", "must be 4"),
-    ("gang-no-volcano", with_change(TRAINING, "spec.scheduling", {"gang": True}), "spec.scheduling.schedulerName", "volcano"),
-    ("bad-toleration", with_change(TRAINING, "spec.resources.tolerations", [{"operator": "Maybe"}]), "spec.resources.tolerations[0].operator", "Exists"),
+    (
+        "processes-vs-gpus",
+        with_change(TRAINING, "spec.resources", {"gpusPerNode": 4, "processesPerNode": 2}),
+        "spec.resources.processesPerNode",
+        "must be 4",
+    ),
+    (
+        "gang-no-volcano",
+        with_change(TRAINING, "spec.scheduling", {"gang": True}),
+        "spec.scheduling.schedulerName",
+        "volcano",
+    ),
+    (
+        "bad-toleration",
+        with_change(TRAINING, "spec.resources.tolerations", [{"operator": "Maybe"}]),
+        "spec.resources.tolerations[0].operator",
+        "Exists",
+    ),
     ("sources-not-list", with_change(TRAINING, "spec.data.sources", "file://a.txt"), "spec.data.sources", "a list"),
     ("model-not-mapping", with_change(TRAINING, "spec.model", [1, 2]), "spec.model", "mapping"),
-    ("validation-fraction", with_change(TRAINING, "spec.data.validationFraction", 0.9), "spec.data.validationFraction", "at most 0.5"),
-    ("synonyms-no-table", with_change(TRAINING, "spec.data.prepare", {"augment": {"synonymProbability": 0.2}}), "spec.data.prepare.augment.synonymTable", "synonym table"),
-    ("labels-no-field", with_change(TRAINING, "spec.data.prepare", {"annotation": {"allowedLabels": ["a"]}}), "spec.data.prepare.annotation.labelField", "labelField"),
-    ("bad-script", with_change(TRAINING, "spec.data.prepare", {"scripts": ["klingon"]}), "spec.data.prepare.scripts[0]", "latin"),
+    (
+        "validation-fraction",
+        with_change(TRAINING, "spec.data.validationFraction", 0.9),
+        "spec.data.validationFraction",
+        "at most 0.5",
+    ),
+    (
+        "synonyms-no-table",
+        with_change(TRAINING, "spec.data.prepare", {"augment": {"synonymProbability": 0.2}}),
+        "spec.data.prepare.augment.synonymTable",
+        "synonym table",
+    ),
+    (
+        "labels-no-field",
+        with_change(TRAINING, "spec.data.prepare", {"annotation": {"allowedLabels": ["a"]}}),
+        "spec.data.prepare.annotation.labelField",
+        "labelField",
+    ),
+    (
+        "bad-script",
+        with_change(TRAINING, "spec.data.prepare", {"scripts": ["klingon"]}),
+        "spec.data.prepare.scripts[0]",
+        "latin",
+    ),
     ("bad-name", with_change(TRAINING, "metadata.name", "My_Job"), "metadata.name", "lower-case"),
     ("long-name", with_change(TRAINING, "metadata.name", "a" * 60), "metadata.name", "at most 45"),
     ("wrong-api-version", with_change(TRAINING, "apiVersion", "lmforge.dev/v1"), "apiVersion", "lmforge.dev/v1alpha1"),
     ("wrong-kind", with_change(TRAINING, "kind", "Deployment"), "kind", "not an lmforge kind"),
     ("kind-typo", with_change(TRAINING, "kind", "Trainingjob"), "kind", "did you mean TrainingJob"),
-    ("tiny-vocab", with_change(TRAINING, "spec.tokenizer", {"vocabSize": 100}), "spec.tokenizer.vocabSize", "at least 260"),
+    (
+        "tiny-vocab",
+        with_change(TRAINING, "spec.tokenizer", {"vocabSize": 100}),
+        "spec.tokenizer.vocabSize",
+        "at least 260",
+    ),
     # CompressionJob
     ("cj-no-steps", with_change(COMPRESSION, "spec.steps", []), "spec.steps", "at least 1"),
-    ("cj-two-in-step", with_change(COMPRESSION, "spec.steps", [{"prune": {}, "quantize": {}}]), "spec.steps[0].prune", "exactly one"),
+    (
+        "cj-two-in-step",
+        with_change(COMPRESSION, "spec.steps", [{"prune": {}, "quantize": {}}]),
+        "spec.steps[0].prune",
+        "exactly one",
+    ),
     ("cj-empty-step", with_change(COMPRESSION, "spec.steps", [{}]), "spec.steps[0].prune", "sets none"),
-    ("cj-model-both", with_change(COMPRESSION, "spec.model", {"uri": "s3://bucket/m", "trainingJob": "t"}), "spec.model.uri", "exactly one"),
+    (
+        "cj-model-both",
+        with_change(COMPRESSION, "spec.model", {"uri": "s3://bucket/m", "trainingJob": "t"}),
+        "spec.model.uri",
+        "exactly one",
+    ),
     ("cj-model-none", with_change(COMPRESSION, "spec.model", {}), "spec.model.uri", "exactly one"),
-    ("cj-bad-quant", with_change(COMPRESSION, "spec.steps", [{"quantize": {"method": "int3"}}]), "spec.steps[0].quantize.method", "int8-dynamic"),
-    ("cj-sparsity", with_change(COMPRESSION, "spec.steps", [{"prune": {"sparsity": 1.0}}]), "spec.steps[0].prune.sparsity", "less than 1"),
-    ("cj-distill-no-data", with_change(COMPRESSION, "spec.steps", [{"distill": {"student": {"layers": 2}}}]), "spec.steps[0].distill", "data.sources"),
-    ("cj-gate-negative", with_change(COMPRESSION, "spec.evaluation", {"maxPerplexityIncrease": -0.1}), "spec.evaluation.maxPerplexityIncrease", "at least 0"),
+    (
+        "cj-bad-quant",
+        with_change(COMPRESSION, "spec.steps", [{"quantize": {"method": "int3"}}]),
+        "spec.steps[0].quantize.method",
+        "int8-dynamic",
+    ),
+    (
+        "cj-sparsity",
+        with_change(COMPRESSION, "spec.steps", [{"prune": {"sparsity": 1.0}}]),
+        "spec.steps[0].prune.sparsity",
+        "less than 1",
+    ),
+    (
+        "cj-distill-no-data",
+        with_change(COMPRESSION, "spec.steps", [{"distill": {"student": {"layers": 2}}}]),
+        "spec.steps[0].distill",
+        "data.sources",
+    ),
+    (
+        "cj-gate-negative",
+        with_change(COMPRESSION, "spec.evaluation", {"maxPerplexityIncrease": -0.1}),
+        "spec.evaluation.maxPerplexityIncrease",
+        "at least 0",
+    ),
     ("cj-multinode", with_change(COMPRESSION, "spec.resources", {"nodes": 2}), "spec.resources.nodes", "one node"),
-    ("cj-temperature", with_change(COMPRESSION, "spec.steps", [{"distill": {"temperature": 0}}]), "spec.steps[0].distill.temperature", "greater than 0"),
-    ("cj-unknown-step-field", with_change(COMPRESSION, "spec.steps", [{"prune": {"sparsty": 0.5}}]), "spec.steps[0].prune.sparsty", "did you mean 'sparsity'"),
+    (
+        "cj-temperature",
+        with_change(COMPRESSION, "spec.steps", [{"distill": {"temperature": 0}}]),
+        "spec.steps[0].distill.temperature",
+        "greater than 0",
+    ),
+    (
+        "cj-unknown-step-field",
+        with_change(COMPRESSION, "spec.steps", [{"prune": {"sparsty": 0.5}}]),
+        "spec.steps[0].prune.sparsty",
+        "did you mean 'sparsity'",
+    ),
 ]
 
 
@@ -182,9 +319,7 @@ def test_every_problem_is_reported_not_just_the_first() -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lmforge.cli", *args], capture_output=True, text=True, cwd=REPO
-    )
+    return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], capture_output=True, text=True, cwd=REPO)
 
 
 FILE_CASES = {
@@ -240,9 +375,7 @@ def test_valid_manifest_exits_zero(tmp_path: Path) -> None:
 def test_unquoted_scientific_learning_rate_is_accepted() -> None:
     """PyYAML reads 3e-4 as a string; users write it that way all the time."""
     doc = yaml.safe_load("lr: 3e-4")
-    manifest, problems = validate_document(
-        with_change(TRAINING, "spec.training.optimizer", doc), "job.yaml", 1
-    )
+    manifest, problems = validate_document(with_change(TRAINING, "spec.training.optimizer", doc), "job.yaml", 1)
     assert not problems
     assert manifest.spec.training.optimizer.lr == pytest.approx(3e-4)
 

@@ -29,8 +29,7 @@ class S3Settings(SpecModel):
     """How to reach S3-compatible storage (AWS S3, MinIO, Ceph RGW, ...)."""
 
     endpoint: str | None = describe(
-        "Endpoint URL of an S3-compatible server, e.g. http://minio.storage:9000. "
-        "Leave unset for AWS S3.",
+        "Endpoint URL of an S3-compatible server, e.g. http://minio.storage:9000. Leave unset for AWS S3.",
         default=None,
         pattern=r"^https?://[^\s/]+(/.*)?$",
     )
@@ -81,9 +80,7 @@ class Resources(SpecModel):
     """The pods a job runs on: how many, how big, which image, where."""
 
     nodes: int = describe("Number of pods (nodes) in the gang.", default=1, ge=1, le=1024)
-    gpus_per_node: int = describe(
-        "GPUs per pod (nvidia.com/gpu). 0 trains on CPU.", default=0, ge=0, le=16
-    )
+    gpus_per_node: int = describe("GPUs per pod (nvidia.com/gpu). 0 trains on CPU.", default=0, ge=0, le=16)
     processes_per_node: int | None = describe(
         "Trainer processes per pod. Defaults to gpusPerNode, or 1 on CPU.",
         default=None,
@@ -96,21 +93,15 @@ class Resources(SpecModel):
         "Size of the in-memory /dev/shm volume per pod (data loader workers and NCCL use it).",
         default="2Gi",
     )
-    image: str = describe(
-        "Trainer container image.", default=DEFAULT_TRAINER_IMAGE, min_length=1, max_length=512
-    )
+    image: str = describe("Trainer container image.", default=DEFAULT_TRAINER_IMAGE, min_length=1, max_length=512)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = describe(
         "Image pull policy of the trainer container.", default="IfNotPresent"
     )
-    node_selector: dict[str, str] = describe(
-        "Node labels the pods must match.", default_factory=dict
-    )
+    node_selector: dict[str, str] = describe("Node labels the pods must match.", default_factory=dict)
     tolerations: list[Toleration] = describe(
         "Tolerations for tainted (e.g. GPU) nodes.", default_factory=list, max_length=64
     )
-    priority_class_name: K8sName | None = describe(
-        "PriorityClass of the pods.", default=None
-    )
+    priority_class_name: K8sName | None = describe("PriorityClass of the pods.", default=None)
 
     @property
     def processes(self) -> int:
@@ -156,8 +147,7 @@ class Scheduling(SpecModel):
         if self.gang and self.scheduler_name != "volcano":
             raise rule_error(
                 "schedulerName",
-                "gang: true creates a Volcano PodGroup; set schedulerName: volcano "
-                "(or use a Kueue queue instead)",
+                "gang: true creates a Volcano PodGroup; set schedulerName: volcano (or use a Kueue queue instead)",
             )
         return self
 

@@ -24,9 +24,7 @@ class SourceModel(SpecModel):
     @model_validator(mode="after")
     def _exactly_one(self) -> SourceModel:
         if (self.uri is None) == (self.training_job is None):
-            raise rule_error(
-                "uri", "set exactly one of model.uri or model.trainingJob"
-            )
+            raise rule_error("uri", "set exactly one of model.uri or model.trainingJob")
         return self
 
 
@@ -48,12 +46,8 @@ class Prune(SpecModel):
         "Importance score: weight magnitude, or mean activation on calibration batches.",
         default="activation",
     )
-    calibration_batches: int = describe(
-        "Batches used to score activations.", default=8, ge=1, le=10000
-    )
-    recovery_steps: int = describe(
-        "Fine-tuning steps after pruning to recover quality; 0 skips.", default=0, ge=0
-    )
+    calibration_batches: int = describe("Batches used to score activations.", default=8, ge=1, le=10000)
+    recovery_steps: int = describe("Fine-tuning steps after pruning to recover quality; 0 skips.", default=0, ge=0)
 
     @model_validator(mode="after")
     def _targets_apply(self) -> Prune:
@@ -149,9 +143,7 @@ class CompressionJobSpec(SpecModel):
     """Compress a trained model step by step and refuse one that got worse than allowed."""
 
     model: SourceModel = describe("The model to compress.")
-    steps: list[CompressionStep] = describe(
-        "Steps applied in order.", min_length=1, max_length=32
-    )
+    steps: list[CompressionStep] = describe("Steps applied in order.", min_length=1, max_length=32)
     data: Data | None = describe(
         "Text for calibration, recovery, distillation and evaluation; defaults to the "
         "validation data of the source model.",
@@ -168,14 +160,11 @@ class CompressionJobSpec(SpecModel):
     @model_validator(mode="after")
     def _data_for_training_steps(self) -> CompressionJobSpec:
         for i, step in enumerate(self.steps):
-            needs_data = step.distill is not None or (
-                step.prune is not None and step.prune.recovery_steps > 0
-            )
+            needs_data = step.distill is not None or (step.prune is not None and step.prune.recovery_steps > 0)
             if needs_data and self.data is None:
                 raise rule_error(
                     f"steps[{i}].{step.kind}",
-                    f"a {step.kind} step trains the model, so set data.sources "
-                    "(the text it trains on)",
+                    f"a {step.kind} step trains the model, so set data.sources (the text it trains on)",
                 )
         if self.resources.nodes != 1:
             raise rule_error("resources.nodes", "a CompressionJob runs on one node; set nodes: 1")

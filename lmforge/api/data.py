@@ -74,33 +74,23 @@ class AnnotationRules(SpecModel):
         "Fields every JSONL record must have and not leave empty.", default_factory=list
     )
     label_field: str | None = describe("Field holding the label.", default=None, min_length=1)
-    allowed_labels: list[str] = describe(
-        "Allowed values of labelField; empty allows any.", default_factory=list
-    )
+    allowed_labels: list[str] = describe("Allowed values of labelField; empty allows any.", default_factory=list)
     min_chars: int = describe("Minimum length of the text in characters.", default=0, ge=0)
-    max_chars: int | None = describe(
-        "Maximum length of the text in characters.", default=None, ge=1
-    )
+    max_chars: int | None = describe("Maximum length of the text in characters.", default=None, ge=1)
 
     @model_validator(mode="after")
     def _labels_need_field(self) -> AnnotationRules:
         if self.allowed_labels and not self.label_field:
-            raise rule_error(
-                "labelField", "allowedLabels is set, so set labelField to the field that holds the label"
-            )
+            raise rule_error("labelField", "allowedLabels is set, so set labelField to the field that holds the label")
         if self.max_chars is not None and self.max_chars < self.min_chars:
-            raise rule_error(
-                "maxChars", f"maxChars ({self.max_chars}) is below minChars ({self.min_chars})"
-            )
+            raise rule_error("maxChars", f"maxChars ({self.max_chars}) is below minChars ({self.min_chars})")
         return self
 
 
 class Prepare(SpecModel):
     """Data preparation run before training: clean, deduplicate, filter, redact, augment."""
 
-    normalize: bool = describe(
-        "Unicode NFKC, collapse whitespace, drop control characters.", default=True
-    )
+    normalize: bool = describe("Unicode NFKC, collapse whitespace, drop control characters.", default=True)
     exact_dedup: bool = describe("Drop exact duplicates (hash of the normalised text).", default=True)
     near_dedup: NearDedup = describe("Near-duplicate removal.", default_factory=NearDedup)
     quality: QualityFilters = describe("Quality filters.", default_factory=QualityFilters)
@@ -114,18 +104,14 @@ class Prepare(SpecModel):
     pii: PiiRedaction | None = describe("PII redaction; unset disables it.", default=None)
     augment: Augmentation | None = describe("Augmentation (fine-tuning data).", default=None)
     annotation: AnnotationRules | None = describe("Annotation rules (labelled data).", default=None)
-    max_record_chars: int = describe(
-        "Records longer than this are skipped and reported.", default=1_000_000, ge=1
-    )
+    max_record_chars: int = describe("Records longer than this are skipped and reported.", default=1_000_000, ge=1)
 
 
 class Replay(SpecModel):
     """Mix earlier data into continual training so the model does not forget it."""
 
     sources: list[Uri] = describe("URIs of the earlier data.", min_length=1, max_length=256)
-    fraction: float = describe(
-        "Fraction of each batch drawn from the replay sources.", default=0.05, gt=0.0, lt=1.0
-    )
+    fraction: float = describe("Fraction of each batch drawn from the replay sources.", default=0.05, gt=0.0, lt=1.0)
 
 
 class Data(SpecModel):
@@ -143,9 +129,7 @@ class Data(SpecModel):
     )
     text_field: str = describe("JSONL field with the text (format jsonl).", default="text", min_length=1)
     prompt_field: str = describe("JSONL field with the prompt (format sft).", default="prompt", min_length=1)
-    response_field: str = describe(
-        "JSONL field with the response (format sft).", default="response", min_length=1
-    )
+    response_field: str = describe("JSONL field with the response (format sft).", default="response", min_length=1)
     validation_fraction: float = describe(
         "Fraction of documents held out for evaluation, chosen deterministically per document.",
         default=0.05,
@@ -155,15 +139,11 @@ class Data(SpecModel):
     prepared_uri: Uri | None = describe(
         "Where tokenized shards are written and read. Defaults to OUTPUT/data.", default=None
     )
-    prepare: Prepare | None = describe(
-        "Preparation pipeline; unset tokenizes the sources as they are.", default=None
-    )
+    prepare: Prepare | None = describe("Preparation pipeline; unset tokenizes the sources as they are.", default=None)
     replay: Replay | None = describe("Replay of earlier data (stage: continual).", default=None)
 
     @model_validator(mode="after")
     def _fields_differ(self) -> Data:
         if self.format == "sft" and self.prompt_field == self.response_field:
-            raise rule_error(
-                "responseField", "promptField and responseField must name different fields"
-            )
+            raise rule_error("responseField", "promptField and responseField must name different fields")
         return self

@@ -93,9 +93,7 @@ def model_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseMode
     current: Any = root
     for part in loc:
         candidates = _unwrap(current)
-        model = next(
-            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
-        )
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if isinstance(part, int):
             seq = next((c for c in candidates if typing.get_origin(c) in (list, tuple)), None)
             if seq is None:

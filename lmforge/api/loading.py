@@ -29,8 +29,7 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, d
             raise yaml.constructor.ConstructorError(
                 "while reading a mapping",
                 node.start_mark,
-                f"the key {key!r} appears twice (first on line {seen[key].start_mark.line + 1}); "
-                "keep only one",
+                f"the key {key!r} appears twice (first on line {seen[key].start_mark.line + 1}); keep only one",
                 key_node.start_mark,
             )
         seen[key] = key_node
@@ -52,9 +51,7 @@ def parse_text(text: str, source: str) -> LoadResult:
     """Parse multi-document YAML text; empty documents (a stray ``---``) are skipped."""
     result = LoadResult()
     if not text.strip():
-        result.problems.append(
-            Problem(source, None, "", "is empty; expected a TrainingJob or CompressionJob manifest")
-        )
+        result.problems.append(Problem(source, None, "", "is empty; expected a TrainingJob or CompressionJob manifest"))
         return result
     try:
         docs = list(yaml.load_all(text, Loader=_StrictLoader))
@@ -65,8 +62,12 @@ def parse_text(text: str, source: str) -> LoadResult:
         context = getattr(exc, "context", None)
         detail = f"{what} ({context})" if context and "appears twice" not in what else what
         result.problems.append(
-            Problem(source, None, "", f"is not valid YAML: {where}{detail}; check the indentation "
-                    "and quoting around that line")
+            Problem(
+                source,
+                None,
+                "",
+                f"is not valid YAML: {where}{detail}; check the indentation and quoting around that line",
+            )
         )
         return result
     for index, doc in enumerate(docs, start=1):
@@ -92,9 +93,7 @@ def read_file(path: str | Path) -> LoadResult:
     except OSError as exc:
         return LoadResult(problems=[Problem(source, None, "", f"cannot be read: {exc.strerror}")])
     if b"\x00" in raw[:8192]:
-        return LoadResult(
-            problems=[Problem(source, None, "", "is a binary file, not a YAML manifest")]
-        )
+        return LoadResult(problems=[Problem(source, None, "", "is a binary file, not a YAML manifest")])
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -105,8 +104,7 @@ def read_file(path: str | Path) -> LoadResult:
                     source,
                     None,
                     "",
-                    f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); "
-                    "save the file as UTF-8",
+                    f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); save the file as UTF-8",
                 )
             ]
         )
@@ -128,16 +126,12 @@ def validate_document(doc: Any, source: str, index: int | None) -> tuple[Manifes
         else:
             close = difflib.get_close_matches(str(kind), list(KINDS), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]}?" if close else ""
-            message = (
-                f"{kind!r} is not an lmforge kind; expected TrainingJob or CompressionJob{hint}"
-            )
+            message = f"{kind!r} is not an lmforge kind; expected TrainingJob or CompressionJob{hint}"
         problems.append(Problem(source, index, "kind", message))
     api_version = doc.get("apiVersion")
     if api_version != API_GROUP_VERSION:
         got = "missing" if api_version is None else f"{api_version!r}"
-        problems.append(
-            Problem(source, index, "apiVersion", f"is {got}; set apiVersion: {API_GROUP_VERSION}")
-        )
+        problems.append(Problem(source, index, "apiVersion", f"is {got}; set apiVersion: {API_GROUP_VERSION}"))
     if problems:
         return None, problems
     model = KINDS[kind]

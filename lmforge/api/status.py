@@ -7,9 +7,7 @@ from typing import Literal
 
 from lmforge.api.base import StatusModel, describe
 
-TrainingPhase = Literal[
-    "Pending", "Preparing", "Running", "Restarting", "Suspended", "Stalled", "Succeeded", "Failed"
-]
+TrainingPhase = Literal["Pending", "Preparing", "Running", "Restarting", "Suspended", "Stalled", "Succeeded", "Failed"]
 CompressionPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
 
 
@@ -111,9 +109,7 @@ class CompressionJobStatus(JobStatusBase):
 
     phase: CompressionPhase = describe("Lifecycle phase.", default="Pending")
     results: list[CompressionResult] = describe("Results table.", default_factory=list)
-    compression_ratio: float | None = describe(
-        "Baseline size / final size (printer column Ratio).", default=None
-    )
+    compression_ratio: float | None = describe("Baseline size / final size (printer column Ratio).", default=None)
     perplexity_change: str | None = describe(
         "Relative perplexity change of the final model, e.g. +1.2% (printer column PPL Δ).",
         default=None,

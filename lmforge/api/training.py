@@ -29,9 +29,7 @@ def _parse_learning_rate(value: Any) -> float | Literal["auto"]:
                 {"value": value},
             ) from None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise PydanticCustomError(
-            "learning_rate", "expected a number such as 3.0e-4 or the word auto", {}
-        )
+        raise PydanticCustomError("learning_rate", "expected a number such as 3.0e-4 or the word auto", {})
     value = float(value)
     if not (0.0 < value <= 10.0):
         raise PydanticCustomError(
@@ -58,18 +56,14 @@ class Attention(SpecModel):
         "dense: full causal attention; slidingWindow: each token sees the last `window` tokens.",
         default="dense",
     )
-    window: int | None = describe(
-        "Window size for slidingWindow attention (tokens).", default=None, ge=1
-    )
+    window: int | None = describe("Window size for slidingWindow attention (tokens).", default=None, ge=1)
 
     @model_validator(mode="after")
     def _window_matches_type(self) -> Attention:
         if self.type == "slidingWindow" and self.window is None:
             raise rule_error("window", "slidingWindow attention needs window: N (e.g. 256)")
         if self.type == "dense" and self.window is not None:
-            raise rule_error(
-                "window", "window only applies to type: slidingWindow; remove it or change type"
-            )
+            raise rule_error("window", "window only applies to type: slidingWindow; remove it or change type")
         return self
 
 
@@ -182,12 +176,8 @@ class Schedule(SpecModel):
     """Linear warm-up, then decay to minLrRatio x lr at the end of training."""
 
     warmup_steps: int = describe("Linear warm-up steps.", default=100, ge=0)
-    decay: Literal["cosine", "linear", "constant"] = describe(
-        "Decay shape after warm-up.", default="cosine"
-    )
-    min_lr_ratio: float = describe(
-        "Final learning rate as a fraction of the peak.", default=0.1, ge=0.0, le=1.0
-    )
+    decay: Literal["cosine", "linear", "constant"] = describe("Decay shape after warm-up.", default="cosine")
+    min_lr_ratio: float = describe("Final learning rate as a fraction of the peak.", default=0.1, ge=0.0, le=1.0)
 
 
 class LrFinder(SpecModel):
@@ -200,9 +190,7 @@ class LrFinder(SpecModel):
     @model_validator(mode="after")
     def _bounds_ordered(self) -> LrFinder:
         if self.max_lr <= self.min_lr:
-            raise rule_error(
-                "maxLr", f"maxLr ({self.max_lr}) must be greater than minLr ({self.min_lr})"
-            )
+            raise rule_error("maxLr", f"maxLr ({self.max_lr}) must be greater than minLr ({self.min_lr})")
         return self
 
 
@@ -218,9 +206,7 @@ class Zero(SpecModel):
     offload_optimizer: Literal["none", "cpu"] = describe(
         "Keep optimizer state in CPU memory (stage >= 1).", default="none"
     )
-    offload_params: Literal["none", "cpu"] = describe(
-        "Keep parameters in CPU memory (stage 3 only).", default="none"
-    )
+    offload_params: Literal["none", "cpu"] = describe("Keep parameters in CPU memory (stage 3 only).", default="none")
 
     @model_validator(mode="after")
     def _offload_fits_stage(self) -> Zero:
@@ -257,9 +243,7 @@ class Training(SpecModel):
     )
     optimizer: Optimizer = describe("AdamW settings.", default_factory=Optimizer)
     schedule: Schedule = describe("Learning-rate schedule.", default_factory=Schedule)
-    lr_finder: LrFinder | None = describe(
-        "LR range test bounds; required when optimizer.lr is auto.", default=None
-    )
+    lr_finder: LrFinder | None = describe("LR range test bounds; required when optimizer.lr is auto.", default=None)
     gradient_clipping: float = describe("Clip the global gradient norm; 0 disables.", default=1.0, ge=0.0)
     precision: Literal["bf16", "fp16", "fp32"] = describe("Compute precision.", default="bf16")
     zero: Zero = describe("DeepSpeed ZeRO settings.", default_factory=Zero)
@@ -275,8 +259,7 @@ class Training(SpecModel):
         if self.optimizer.lr == "auto" and self.lr_finder is None:
             raise rule_error(
                 "lrFinder",
-                "optimizer.lr: auto needs the range-test bounds; add "
-                "lrFinder: {minLr: 1.0e-6, maxLr: 1.0, steps: 100}",
+                "optimizer.lr: auto needs the range-test bounds; add lrFinder: {minLr: 1.0e-6, maxLr: 1.0, steps: 100}",
             )
         return self
 
@@ -292,9 +275,7 @@ class Checkpoint(SpecModel):
 class Output(SpecModel):
     """Where the exported model, metrics and reports go."""
 
-    uri: Uri = describe(
-        "Output location: model (safetensors, config.json, tokenizer.json), metrics.jsonl, reports."
-    )
+    uri: Uri = describe("Output location: model (safetensors, config.json, tokenizer.json), metrics.jsonl, reports.")
 
 
 class TrainingJobSpec(SpecModel):
@@ -325,14 +306,10 @@ class TrainingJobSpec(SpecModel):
                 "the output URI of an earlier job (e.g. s3://bucket/runs/base/model)",
             )
         if self.data.replay is not None and self.stage != "continual":
-            raise rule_error(
-                "data.replay", "replay mixes earlier data into continual training; use stage: continual"
-            )
+            raise rule_error("data.replay", "replay mixes earlier data into continual training; use stage: continual")
         self.check_world_size(self.resources.world_size, origin="resources")
         if self.training.precision == "fp16" and self.resources.gpus_per_node == 0:
-            raise rule_error(
-                "training.precision", "fp16 needs a GPU; on CPU use bf16 or fp32"
-            )
+            raise rule_error("training.precision", "fp16 needs a GPU; on CPU use bf16 or fp32")
         return self
 
     def check_world_size(self, world_size: int, origin: str = "resources") -> None:

@@ -1,0 +1,448 @@
+"""Raw sources to token shards: the minimal data preparation run before training.
+
+``prepare_data(spec)`` reads every source in ``spec.data.sources`` (a file/object, or a prefix
+meaning every object under it; ``.gz`` and ``.zst`` are decompressed on the fly), cuts it into
+documents, splits them deterministically into train and validation, trains (or loads) the
+tokenizer and writes the shards. Layout under the prepared URI (``spec.data.preparedUri``, default
+``OUTPUT/data``)::
+
+    tokenizer.json
+    train/  index.json, shard-NNNNN.bin [, shard-NNNNN.mask.bin]   (see lmforge.data.shards)
+    val/    ...
+    manifest.json       written last; records the fingerprint of the settings that made the data
+
+Documents by format:
+
+- ``text``: each file is a stream of lines; a document is a block of lines ended by one or more
+  blank (whitespace-only) lines. Blocks longer than ``MAX_TEXT_DOCUMENT_CHARS`` are cut at a line
+  boundary so that a file without blank lines never has to fit in memory as one string.
+- ``jsonl``: one JSON object per line, the text in ``data.textField``.
+- ``sft``: one JSON object per line with ``data.promptField`` and ``data.responseField``; the tokens
+  are ``tok(prompt) + tok(response) + <|endoftext|>`` with loss mask 0 on the prompt and 1 on the
+  response and the end-of-text token.
+
+Malformed JSONL lines (bad JSON, not an object, missing field, non-string value) and empty
+documents are skipped and counted; the summary is logged and recorded in the manifest.
+
+Split: a document goes to validation when the first 64 bits of sha256(document) / 2**64 <
+``data.validationFraction``, so identical documents always land in the same split. If the
+fraction is > 0 but no document landed in validation, the last training document moves there
+(tiny corpora); if no document landed in train, the last validation document moves there.
+
+Restarts: when ``manifest.json``, ``tokenizer.json`` and both split indexes exist and the manifest's
+fingerprint (sources, format, fields, validation fraction, tokenizer settings, preparation settings)
+equals the spec's, the prepared data is reused as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import re
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from tokenizers import Tokenizer
+
+from lmforge.data.shards import INDEX, ShardWriter, read_index
+from lmforge.data.storage import Storage, join_uri
+from lmforge.data.storage import storage_for as default_storage_for
+from lmforge.data.tokenizer import ensure_eot, load_tokenizer, tokenizer_hash, train_bpe, vocab_size_of
+
+if TYPE_CHECKING:
+    from lmforge.api.common import S3Settings
+    from lmforge.api.training import TrainingJobSpec
+
+PREPARE_FORMAT = 1
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+SPLITS = ("train", "val")
+MAX_TEXT_DOCUMENT_CHARS = 1_000_000
+ENCODE_BATCH = 1024
+_SHARD_FILE = re.compile(r"^shard-\d{5}(\.mask)?\.bin$")
+
+
+@dataclass
+class PreparedData:
+    """What training needs from the prepared data."""
+
+    prepared_uri: str
+    tokenizer: Tokenizer
+    tokenizer_uri: str
+    train_tokens: int
+    val_tokens: int
+    vocab_size: int
+    eot_id: int = 0
+    reused: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def fingerprint(spec: TrainingJobSpec) -> dict[str, Any]:
+    """The settings that determine the prepared data; a change means the data is rebuilt."""
+    data = spec.data
+    fields: dict[str, str] = {}
+    if data.format == "jsonl":
+        fields = {"text": data.text_field}
+    elif data.format == "sft":
+        fields = {"prompt": data.prompt_field, "response": data.response_field}
+    tok = spec.tokenizer
+    tokenizer = {"uri": tok.uri} if tok.uri else {"vocab_size": tok.vocab_size, "min_frequency": tok.min_frequency}
+    return {
+        "prepare_format": PREPARE_FORMAT,
+        "sources": list(data.sources),
+        "format": data.format,
+        "fields": fields,
+        "validation_fraction": data.validation_fraction,
+        "tokenizer": tokenizer,
+        "prepare": data.prepare.to_manifest() if data.prepare is not None else None,
+    }
+
+
+def is_validation(key: str, fraction: float) -> bool:
+    """Deterministic per-document split: the first 64 bits of sha256(key) as a fraction of 2**64."""
+    if fraction <= 0:
+        return False
+    value = int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+    return value / 2**64 < fraction
+
+
+# --- reading sources --------------------------------------------------------------------------
+
+
+class _Storages:
+    """One storage object per scheme, built with the spec's S3 settings."""
+
+    def __init__(self, factory: Callable[..., Storage], s3: S3Settings | None) -> None:
+        self.factory = factory
+        self.s3 = s3
+        self._by_scheme: dict[str, Storage] = {}
+
+    def __call__(self, uri: str) -> Storage:
+        scheme = uri.split("://", 1)[0]
+        if scheme not in self._by_scheme:
+            self._by_scheme[scheme] = self.factory(uri, self.s3)
+        return self._by_scheme[scheme]
+
+
+def resolve_sources(sources: list[str], storages: Callable[[str], Storage]) -> list[str]:
+    """Every file a source names: the object itself, or all objects under the prefix (sorted).
+
+    Hidden files (a name starting with ``.``) under a prefix are ignored.
+    """
+    files: list[str] = []
+    for source in sources:
+        storage = storages(source)
+        if storage.exists(source):
+            files.append(source)
+            continue
+        found = [uri for uri in storage.list(source) if not uri.rsplit("/", 1)[-1].startswith(".")]
+        if not found:
+            raise FileNotFoundError(
+                f"data source {source} matches no file or object; check data.sources (a file, or a "
+                "prefix/directory holding the files)"
+            )
+        files.extend(found)
+    return files
+
+
+@contextlib.contextmanager
+def open_text(uri: str, storage: Storage) -> Iterator[IO[str]]:
+    """The object as text lines, decompressing ``.gz`` and ``.zst``; undecodable bytes become U+FFFD."""
+    with contextlib.ExitStack() as stack:
+        raw: IO[bytes] = stack.enter_context(storage.open_read(uri))
+        lowered = uri.lower()
+        if lowered.endswith(".gz"):
+            binary: Any = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+        elif lowered.endswith((".zst", ".zstd")):
+            import zstandard
+
+            binary = stack.enter_context(
+                zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+            )
+        else:
+            binary = raw
+        text = io.TextIOWrapper(binary, encoding="utf-8-sig", errors="replace", newline=None)
+        try:
+            yield text
+        finally:
+            text.detach()
+
+
+def _text_documents(lines: IO[str]) -> Iterator[str]:
+    block: list[str] = []
+    size = 0
+    for line in lines:
+        if not line.strip():
+            if block:
+                yield "".join(block).rstrip("\n")
+                block, size = [], 0
+            continue
+        block.append(line)
+        size += len(line)
+        if size >= MAX_TEXT_DOCUMENT_CHARS:
+            yield "".join(block).rstrip("\n")
+            block, size = [], 0
+    if block:
+        yield "".join(block).rstrip("\n")
+
+
+def iter_records(
+    files: list[str], storages: Callable[[str], Storage], spec: TrainingJobSpec, skipped: Counter[str]
+) -> Iterator[tuple[str, Any]]:
+    """``(split key, record)`` per document: record is the text, or ``[prompt, response]`` for sft."""
+    data = spec.data
+    for uri in files:
+        storage = storages(uri)
+        with open_text(uri, storage) as lines:
+            if data.format == "text":
+                for text in _text_documents(lines):
+                    yield text, text
+                continue
+            wanted = [data.text_field] if data.format == "jsonl" else [data.prompt_field, data.response_field]
+            for line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    skipped["invalid JSON"] += 1
+                    continue
+                if not isinstance(obj, dict):
+                    skipped["not a JSON object"] += 1
+                    continue
+                values = [obj.get(name) for name in wanted]
+                missing = [name for name, value in zip(wanted, values, strict=True) if value is None]
+                if missing:
+                    skipped[f"missing field {missing[0]!r}"] += 1
+                    continue
+                if not all(isinstance(value, str) for value in values):
+                    skipped["field is not a string"] += 1
+                    continue
+                if not values[-1].strip():
+                    skipped["empty text" if data.format == "jsonl" else "empty response"] += 1
+                    continue
+                if data.format == "jsonl":
+                    yield values[0], values[0]
+                else:
+                    yield values[0] + "\x1e" + values[1], values
+
+
+# --- preparation ------------------------------------------------------------------------------
+
+
+def _reusable(
+    storage: Storage, prepared: str, wanted: dict[str, Any], log: Callable[[str], None]
+) -> PreparedData | None:
+    manifest_uri = join_uri(prepared, MANIFEST)
+    if not storage.exists(manifest_uri):
+        return None
+    try:
+        manifest = json.loads(storage.read_bytes(manifest_uri))
+    except ValueError:
+        log(f"data: {manifest_uri} is unreadable; preparing the data again")
+        return None
+    if manifest.get("fingerprint") != wanted:
+        log(f"data: the data settings changed since {prepared} was prepared; preparing it again")
+        return None
+    needed = [join_uri(prepared, TOKENIZER_FILE)] + [join_uri(prepared, split, INDEX) for split in SPLITS]
+    if not all(storage.exists(uri) for uri in needed):
+        log(f"data: {prepared} is incomplete; preparing it again")
+        return None
+    tokenizer_uri = join_uri(prepared, TOKENIZER_FILE)
+    tok = load_tokenizer(tokenizer_uri, storage)
+    digest = tokenizer_hash(tok)
+    indexes = {split: read_index(join_uri(prepared, split), storage) for split in SPLITS}
+    if digest != manifest.get("tokenizer_hash") or any(i.get("tokenizer_hash") != digest for i in indexes.values()):
+        log(f"data: the tokenizer in {prepared} does not match its shards; preparing the data again")
+        return None
+    eot = ensure_eot(tok)
+    return PreparedData(
+        prepared_uri=prepared,
+        tokenizer=tok,
+        tokenizer_uri=tokenizer_uri,
+        train_tokens=int(indexes["train"]["total_tokens"]),
+        val_tokens=int(indexes["val"]["total_tokens"]),
+        vocab_size=vocab_size_of(tok),
+        eot_id=eot,
+        reused=True,
+        stats=manifest.get("stats", {}),
+    )
+
+
+def _clear(storage: Storage, prepared: str) -> None:
+    """Remove what an earlier preparation left (manifest first, so it can never match again)."""
+    storage.delete(join_uri(prepared, MANIFEST))
+    for split in SPLITS:
+        storage.delete(join_uri(prepared, split, INDEX))
+        for uri in storage.list(join_uri(prepared, split)):
+            if _SHARD_FILE.match(uri.rsplit("/", 1)[-1]):
+                storage.delete(uri)
+
+
+def _spool_lines(path: Path) -> Iterator[Any]:
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+def _batches(path: Path, size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for record in _spool_lines(path):
+        batch.append(record)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def prepare_data(
+    spec: TrainingJobSpec,
+    *,
+    storage_for: Callable[..., Storage] = default_storage_for,
+    log: Callable[[str], None] = print,
+) -> PreparedData:
+    """Tokenize ``spec.data.sources`` into shards under the prepared URI, or reuse earlier shards."""
+    data = spec.data
+    prepared = data.prepared_uri or join_uri(spec.output.uri, "data")
+    storages = _Storages(storage_for, spec.s3)
+    storage = storages(prepared)
+    wanted = fingerprint(spec)
+    reused = _reusable(storage, prepared, wanted, log)
+    if reused is not None:
+        log(
+            f"data: reusing prepared data at {prepared} (train {reused.train_tokens:,} tokens, "
+            f"val {reused.val_tokens:,} tokens, vocabulary {reused.vocab_size})"
+        )
+        return reused
+
+    started = time.time()
+    if data.prepare is not None:
+        log("data: note: data.prepare (cleaning, dedup, filters) is not applied by this version; tokenizing as is")
+    _clear(storage, prepared)
+    files = resolve_sources(list(data.sources), storages)
+    log(f"data: preparing {len(files)} file(s) from {len(data.sources)} source(s) into {prepared}")
+    skipped: Counter[str] = Counter()
+    counts = {"train": 0, "val": 0}
+    with tempfile.TemporaryDirectory(prefix="lmforge-prepare-") as tmp:
+        spools = {split: Path(tmp) / f"{split}.jsonl" for split in SPLITS}
+        with contextlib.ExitStack() as stack:
+            outs = {split: stack.enter_context(open(spools[split], "w", encoding="utf-8")) for split in SPLITS}
+            # The newest document of each split is held back so that one can move split at the end.
+            held: dict[str, str | None] = {"train": None, "val": None}
+            for key, record in iter_records(files, storages, spec, skipped):
+                split = "val" if is_validation(key, data.validation_fraction) else "train"
+                if held[split] is not None:
+                    outs[split].write(held[split])
+                held[split] = json.dumps(record, ensure_ascii=False) + "\n"
+                counts[split] += 1
+            total = counts["train"] + counts["val"]
+            if total == 0:
+                raise ValueError(
+                    f"no documents in data.sources {list(data.sources)}: {len(files)} file(s) read"
+                    + (f", skipped {_summary(skipped)}" if skipped else ", all empty")
+                    + f"; check data.format ({data.format}) and the field names"
+                )
+            if data.validation_fraction > 0 and counts["val"] == 0 and counts["train"] >= 2:
+                held["val"], held["train"] = held["train"], None
+                counts["val"], counts["train"] = 1, counts["train"] - 1
+                log("data: no document fell into validation by hash; moved the last training document there")
+            elif counts["train"] == 0:
+                held["train"], held["val"] = held["val"], None
+                counts["train"], counts["val"] = 1, counts["val"] - 1
+                log("data: no document fell into training by hash; moved the last validation document there")
+            for split in SPLITS:
+                if held[split] is not None:
+                    outs[split].write(held[split])
+        if skipped:
+            log(f"data: skipped {sum(skipped.values())} record(s): {_summary(skipped)}")
+        if data.validation_fraction > 0 and counts["val"] == 0:
+            log("data: warning: the validation split is empty (one document in all)")
+
+        tok = _tokenizer(spec, storages, spools["train"], log)
+        eot = ensure_eot(tok)
+        digest = tokenizer_hash(tok)
+        vocab = vocab_size_of(tok)
+        tokenizer_uri = join_uri(prepared, TOKENIZER_FILE)
+        storage.write_bytes(tokenizer_uri, tok.to_str().encode("utf-8"))
+
+        tokens: dict[str, int] = {}
+        for split in SPLITS:
+            writer = ShardWriter(join_uri(prepared, split), storage, digest, vocab)
+            for batch in _batches(spools[split], ENCODE_BATCH):
+                if data.format == "sft":
+                    prompts = tok.encode_batch([r[0] for r in batch], add_special_tokens=False)
+                    responses = tok.encode_batch([r[1] for r in batch], add_special_tokens=False)
+                    for prompt, response in zip(prompts, responses, strict=True):
+                        ids = prompt.ids + response.ids + [eot]
+                        writer.add(ids, [0] * len(prompt.ids) + [1] * (len(response.ids) + 1))
+                else:
+                    for encoding in tok.encode_batch(batch, add_special_tokens=False):
+                        writer.add(encoding.ids + [eot])
+            tokens[split] = int(writer.close()["total_tokens"])
+
+    stats = {
+        "files": len(files),
+        "documents": counts,
+        "tokens": tokens,
+        "skipped": dict(skipped),
+        "seconds": round(time.time() - started, 3),
+    }
+    manifest = {
+        "format": PREPARE_FORMAT,
+        "fingerprint": wanted,
+        "tokenizer_hash": digest,
+        "vocab_size": vocab,
+        "eot_id": eot,
+        "stats": stats,
+        "created": time.time(),
+    }
+    storage.write_bytes(join_uri(prepared, MANIFEST), json.dumps(manifest, indent=1).encode())
+    log(
+        f"data: prepared {counts['train']:,} training / {counts['val']:,} validation documents, "
+        f"{tokens['train']:,} / {tokens['val']:,} tokens, vocabulary {vocab}, in {stats['seconds']:.1f}s"
+    )
+    return PreparedData(
+        prepared_uri=prepared,
+        tokenizer=tok,
+        tokenizer_uri=tokenizer_uri,
+        train_tokens=tokens["train"],
+        val_tokens=tokens["val"],
+        vocab_size=vocab,
+        eot_id=eot,
+        reused=False,
+        stats=stats,
+    )
+
+
+def _summary(skipped: Counter[str]) -> str:
+    return ", ".join(f"{reason}: {count}" for reason, count in skipped.most_common())
+
+
+def _tokenizer(
+    spec: TrainingJobSpec, storages: Callable[[str], Storage], train_spool: Path, log: Callable[[str], None]
+) -> Tokenizer:
+    settings = spec.tokenizer
+    if settings.uri:
+        tok = load_tokenizer(settings.uri, storages(settings.uri))
+        log(f"data: using the tokenizer at {settings.uri}")
+        return tok
+
+    def texts() -> Iterator[str]:
+        for record in _spool_lines(train_spool):
+            if isinstance(record, list):
+                yield from record
+            else:
+                yield record
+
+    tok = train_bpe(texts(), settings.vocab_size, settings.min_frequency)
+    log(f"data: trained a byte-level BPE with {tok.get_vocab_size()} tokens (asked for {settings.vocab_size})")
+    return tok

@@ -1,0 +1,165 @@
+"""Atomic, resumable checkpoints on file:// or s3://.
+
+Layout under the checkpoint URI::
+
+    step-00000200/            one tag per checkpoint
+        ...                   DeepSpeed's model and (sharded) optimizer files
+        trainer_state.json    step, data-reader position, tokens seen
+        rng/rank-00000.pt     per-rank RNG states
+        COMMIT                written last: the checkpoint is complete
+    latest                    name of the newest committed tag, written after COMMIT
+
+A tag without COMMIT (a save interrupted by a crash or preemption) is never resumed from;
+resumption always picks the newest committed tag, whatever ``latest`` says, so nothing depends on
+the pointer having been written. Old tags beyond ``keep`` are deleted only after a newer commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.data.storage import Storage, join_uri, local_path
+
+COMMIT = "COMMIT"
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+_TAG_RE = re.compile(r"^step-(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    match = _TAG_RE.match(tag)
+    if not match:
+        raise ValueError(f"not a checkpoint tag: {tag}")
+    return int(match.group(1))
+
+
+@dataclass
+class CheckpointLocation:
+    """Where checkpoints live (``uri``) and the local directory DeepSpeed reads and writes."""
+
+    uri: str
+    storage: Storage
+
+    @property
+    def is_local(self) -> bool:
+        return self.uri.startswith("file://")
+
+    @property
+    def staging(self) -> Path:
+        """Local directory: the checkpoint directory itself for file://, a cache for s3://."""
+        if self.is_local:
+            return local_path(self.uri)
+        digest = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / "lmforge-checkpoints" / digest
+
+    def tags(self) -> dict[str, bool]:
+        """Every tag found, mapped to whether it is committed."""
+        found: dict[str, bool] = {}
+        prefix = self.uri.rstrip("/") + "/"
+        for uri in self.storage.list(self.uri):
+            relative = uri[len(prefix) :] if uri.startswith(prefix) else uri
+            parts = relative.split("/")
+            if len(parts) >= 2 and _TAG_RE.match(parts[0]):
+                found[parts[0]] = found.get(parts[0], False) or parts[-1] == COMMIT and len(parts) == 2
+        return found
+
+    def newest_committed(self) -> str | None:
+        committed = [tag for tag, done in self.tags().items() if done]
+        return max(committed, key=step_of) if committed else None
+
+    def commit(self, tag: str, state: dict[str, Any]) -> None:
+        """Write COMMIT (listing the files) and then the ``latest`` pointer."""
+        prefix = join_uri(self.uri, tag) + "/"
+        files = sorted(uri[len(prefix) :] for uri in self.storage.list(join_uri(self.uri, tag)))
+        marker = {"step": state["step"], "time": time.time(), "files": files}
+        self.storage.write_bytes(join_uri(self.uri, tag, COMMIT), json.dumps(marker, indent=1).encode())
+        self.storage.write_bytes(join_uri(self.uri, LATEST), tag.encode())
+
+    def upload(self, tag: str) -> None:
+        """Copy this node's staged files of ``tag`` to object storage (no-op for file://)."""
+        if self.is_local:
+            return
+        root = self.staging / tag
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            self.storage.upload_file(path, join_uri(self.uri, tag, path.relative_to(root).as_posix()))
+
+    def download(self, tag: str) -> None:
+        """Fetch ``tag`` into the staging directory (no-op for file://)."""
+        if self.is_local:
+            return
+        prefix = join_uri(self.uri, tag) + "/"
+        for uri in self.storage.list(join_uri(self.uri, tag)):
+            target = self.staging / tag / uri[len(prefix) :]
+            if target.exists() and target.stat().st_size == self.storage.size(uri):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.storage.download_file(uri, target)
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` committed tags, and uncommitted tags older than them."""
+        tags = self.tags()
+        committed = sorted((t for t, done in tags.items() if done), key=step_of, reverse=True)
+        if not committed:
+            return []
+        kept = set(committed[:keep])
+        oldest_kept = min(step_of(t) for t in kept)
+        doomed = [t for t in tags if t not in kept and (tags[t] or step_of(t) < oldest_kept)]
+        for tag in doomed:
+            # Delete COMMIT first so a half-deleted tag is never mistaken for a good one.
+            marker = join_uri(self.uri, tag, COMMIT)
+            if self.storage.exists(marker):
+                self.storage.delete(marker)
+            for uri in self.storage.list(join_uri(self.uri, tag)):
+                self.storage.delete(uri)
+            shutil.rmtree(self.staging / tag, ignore_errors=True)  # empty dirs (file://), cache (s3://)
+        return doomed
+
+    def read_state(self, tag: str) -> dict[str, Any]:
+        return json.loads(self.storage.read_bytes(join_uri(self.uri, tag, STATE_FILE)))
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_rank_rng(staging_tag: Path, rank: int) -> None:
+    path = staging_tag / "rng" / f"rank-{rank:05d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), path)
+
+
+def load_rank_rng(staging_tag: Path, rank: int) -> bool:
+    path = staging_tag / "rng" / f"rank-{rank:05d}.pt"
+    if not path.exists():
+        return False  # world size grew: new ranks keep their seeded state
+    restore_rng_state(torch.load(path, weights_only=False))
+    return True

@@ -1,0 +1,71 @@
+"""DeepSpeed engine from the spec: ZeRO stage and offload, precision, accumulation, clipping, AdamW."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from lmforge.api.training import TrainingJobSpec
+
+
+def on_gpu() -> bool:
+    """True when DeepSpeed will run on CUDA (DS_ACCELERATOR=cpu forces CPU)."""
+    return os.environ.get("DS_ACCELERATOR", "") != "cpu" and torch.cuda.is_available()
+
+
+def deepspeed_config(spec: TrainingJobSpec, world_size: int, *, peak_lr: float) -> dict[str, Any]:
+    """The DeepSpeed JSON config the spec describes.
+
+    The learning rate in the optimizer block is only the starting value: the loop sets the
+    scheduled LR on every step (see :mod:`lmforge.trainer.schedule`).
+    """
+    training = spec.training
+    accumulation = spec.gradient_accumulation_steps(world_size)
+    zero: dict[str, Any] = {"stage": training.zero.stage}
+    if training.zero.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu()}
+    if training.zero.offload_params == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu()}
+    adam: dict[str, Any] = {
+        "lr": peak_lr,
+        "betas": list(training.optimizer.betas),
+        "eps": training.optimizer.eps,
+        "weight_decay": training.optimizer.weight_decay,
+    }
+    if not on_gpu() and training.zero.offload_optimizer == "none":
+        adam["torch_adam"] = True  # FusedAdam is CUDA-only
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": training.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": training.micro_batch_size * accumulation * world_size,
+        "gradient_clipping": training.gradient_clipping,
+        "optimizer": {"type": "AdamW", "params": adam},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if training.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif training.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return config
+
+
+def initialize(model: torch.nn.Module, spec: TrainingJobSpec, world_size: int, *, peak_lr: float) -> Any:
+    """``deepspeed.initialize`` with weight decay only on matrices (not norms)."""
+    import deepspeed
+
+    groups = model.param_groups(spec.training.optimizer.weight_decay)  # type: ignore[operator]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=groups,
+        config=deepspeed_config(spec, world_size, peak_lr=peak_lr),
+    )
+    return engine
+
+
+def set_learning_rate(engine: Any, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

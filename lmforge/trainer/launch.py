@@ -1,0 +1,194 @@
+"""`lmforge run`: start the world of trainer processes, locally or inside a pod.
+
+Locally the world is one node with ``--processes`` processes on 127.0.0.1. In a pod the operator
+sets MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK and NPROC_PER_NODE; every node runs the same
+command. Before torch's elastic launcher starts the workers, the nodes meet at a rendezvous gate
+on MASTER_ADDR:MASTER_PORT with a bounded timeout (LMFORGE_RENDEZVOUS_TIMEOUT, default 600 s),
+so a node that never comes up produces an error naming it instead of a silent hang. The elastic
+rendezvous itself uses MASTER_PORT + 1.
+
+Exit codes (see :mod:`lmforge.exitcodes`): 0 done; 78 invalid spec (never retried);
+75 retryable fault (rendezvous timeout, lost peer, storage outage, unexpected error);
+143 stopped by SIGTERM after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lmforge import exitcodes
+
+
+class RendezvousTimeout(Exception):
+    """Some nodes never reached the rendezvous gate."""
+
+    def __init__(self, missing: list[int], endpoint: str, timeout: float) -> None:
+        self.missing = missing
+        names = ", ".join(str(r) for r in missing)
+        super().__init__(
+            f"rendezvous timed out after {timeout:.0f}s at {endpoint}: node rank(s) {names} never arrived. "
+            "Check that those pods are scheduled and can reach MASTER_ADDR (see kubectl get pods -o wide)."
+        )
+
+
+@dataclass(frozen=True)
+class WorldPlan:
+    nnodes: int
+    node_rank: int
+    nproc_per_node: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def plan_world(processes: int | None, default_processes: int) -> WorldPlan:
+    """From the pod environment when NNODES is set, else a local single-node world."""
+    env = os.environ
+    if "NNODES" in env:
+        return WorldPlan(
+            nnodes=int(env["NNODES"]),
+            node_rank=int(env.get("NODE_RANK", 0)),
+            nproc_per_node=int(env.get("NPROC_PER_NODE", processes or default_processes)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+        )
+    return WorldPlan(1, 0, processes or default_processes, "127.0.0.1", free_port())
+
+
+def rendezvous_gate(plan: WorldPlan, timeout: float) -> Any:
+    """Wait until every node has arrived; raise :class:`RendezvousTimeout` naming the missing ones.
+
+    Returns the store, which node 0 must keep alive while the others may still be reading it.
+    """
+    from torch.distributed import TCPStore
+
+    endpoint = f"{plan.master_addr}:{plan.master_port}"
+    deadline = time.monotonic() + timeout
+    try:
+        store = TCPStore(
+            plan.master_addr,
+            plan.master_port,
+            is_master=plan.node_rank == 0,
+            timeout=datetime.timedelta(seconds=max(1.0, timeout)),
+            wait_for_workers=False,
+        )
+    except (RuntimeError, OSError) as exc:  # node 0 never opened the store
+        raise RendezvousTimeout([0], endpoint, timeout) from exc
+    store.set(f"lmforge/arrived/{plan.node_rank}", "1")
+    keys = [f"lmforge/arrived/{rank}" for rank in range(plan.nnodes)]
+    while time.monotonic() < deadline:
+        if all(store.check([key]) for key in keys):
+            return store
+        time.sleep(0.2)
+    missing = [rank for rank, key in enumerate(keys) if not store.check([key])]
+    raise RendezvousTimeout(missing, endpoint, timeout)
+
+
+@dataclass
+class RunOutcome:
+    exit_code: int
+    result: dict[str, Any] | None = None
+    message: str | None = None
+
+
+def worker_main(manifest_json: str, threads: int | None, mode: str = "train") -> dict[str, Any] | None:
+    """Entry point of every trainer process (spawned by torch's elastic agent)."""
+    import logging
+
+    from lmforge.api.manifest import TrainingJob
+    from lmforge.trainer.loop import InvalidForThisRun, find_lr, train
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # torch.distributed deprecation notices from inside DeepSpeed, once per collective call site.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+    manifest = TrainingJob.model_validate_json(manifest_json)
+    try:
+        if mode == "lr-find":
+            suggestion = find_lr(manifest, threads=threads)
+            return {"suggestion": suggestion} if int(os.environ.get("RANK", 0)) == 0 else None
+        result = train(manifest, threads=threads)
+    except InvalidForThisRun as exc:
+        print(f"error: invalid spec: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exitcodes.INVALID_SPEC)
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        sys.exit(exitcodes.RETRYABLE)
+    return asdict(result) if int(os.environ.get("RANK", 0)) == 0 else None
+
+
+def launch(
+    manifest: Any, *, processes: int | None = None, threads: int | None = None, mode: str = "train"
+) -> RunOutcome:
+    """Run the manifest's training on this node; returns the exit code for the process."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    spec = manifest.spec
+    plan = plan_world(processes, spec.resources.processes)
+    try:
+        spec.check_world_size(plan.world_size, origin="--processes / NPROC_PER_NODE x NNODES")
+    except Exception as exc:
+        return RunOutcome(exitcodes.INVALID_SPEC, message=f"invalid spec: {exc}")
+    if threads is None and os.environ.get("DS_ACCELERATOR") == "cpu":
+        threads = max(1, (os.cpu_count() or 1) // plan.nproc_per_node)
+
+    store = None
+    rdzv_port = plan.master_port
+    if plan.nnodes > 1:
+        timeout = float(os.environ.get("LMFORGE_RENDEZVOUS_TIMEOUT", 600))
+        try:
+            store = rendezvous_gate(plan, timeout)
+        except RendezvousTimeout as exc:
+            return RunOutcome(exitcodes.RETRYABLE, message=str(exc))
+        rdzv_port = plan.master_port + 1
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=plan.nnodes,
+        max_nodes=plan.nnodes,
+        nproc_per_node=plan.nproc_per_node,
+        run_id=f"{manifest.metadata.name}",
+        rdzv_backend="static",
+        rdzv_endpoint=f"{plan.master_addr}:{rdzv_port}",
+        rdzv_configs={"rank": plan.node_rank, "timeout": int(os.environ.get("LMFORGE_RENDEZVOUS_TIMEOUT", 600))},
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
+        shutdown_timeout=int(os.environ.get("LMFORGE_SHUTDOWN_TIMEOUT", 600)),
+    )
+    try:
+        results = elastic_launch(config, worker_main)(manifest.model_dump_json(by_alias=True), threads, mode)
+    except ChildFailedError as exc:
+        _, failure = exc.get_first_failure()
+        code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 128 + abs(failure.exitcode or 0)
+        return RunOutcome(code, message=f"rank {failure.rank} exited with code {failure.exitcode}")
+    except SignalException as exc:  # SIGTERM reached the launcher: workers were told to checkpoint
+        return RunOutcome(128 + int(exc.sigval), message=f"stopped by {exc.sigval.name}; workers saved a checkpoint")
+    finally:
+        del store
+    result = next((value for value in results.values() if value), None)
+    return RunOutcome(exitcodes.OK, result=result)

@@ -1,0 +1,577 @@
+"""The training loop each process runs: data, model, DeepSpeed engine, eval, checkpoints, export.
+
+One function, :func:`train`, in nanoGPT's spirit: read it top to bottom to know what a run does.
+It runs inside every process of the world (started by :mod:`lmforge.trainer.launch`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lmforge import exitcodes
+from lmforge.api.manifest import TrainingJob
+from lmforge.trainer.context import WorldContext
+
+log = logging.getLogger("lmforge.trainer")
+
+PREEMPTED_EXIT = 128 + signal.SIGTERM
+"""Exit code after a SIGTERM was honoured with a checkpoint (the conventional 143)."""
+
+
+class InvalidForThisRun(Exception):
+    """The manifest cannot run in this world (e.g. the batch does not split); exit INVALID_SPEC."""
+
+
+@dataclass
+class RunResult:
+    """What rank 0 reports back to the launcher."""
+
+    steps: int = 0
+    resumed_from: int | None = None
+    final_loss: float | None = None
+    final_eval_loss: float | None = None
+    tokens: int = 0
+    tokens_per_second: float = 0.0
+    seconds: float = 0.0
+    model_uri: str | None = None
+    peak_lr: float | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+# --- distributed helpers ---------------------------------------------------------------------
+
+
+def _broadcast(obj: Any) -> Any:
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _mean(value: float, world: int) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / world
+
+
+def _any(flag: bool) -> bool:
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+# --- pieces of the run ---------------------------------------------------------------------
+
+
+def _device() -> torch.device:
+    from lmforge.trainer.engine import on_gpu
+
+    if on_gpu():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _evaluate(engine: Any, reader: Any, batches: int, micro_batch: int, world: int, device: torch.device) -> float:
+    """Mean held-out loss over the same ``batches`` micro-batches every time."""
+    engine.eval()
+    reader.load_state_dict({**reader.state_dict(), "position": 0, "epoch": 0})
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(batches):
+            x, y = reader.next_batch(micro_batch)
+            _, loss = engine(x.to(device), y.to(device))
+            total += float(loss.item())
+    engine.train()
+    return _mean(total / batches, world)
+
+
+def _full_state_dict(engine: Any, stage: int) -> dict[str, torch.Tensor] | None:
+    """fp32 weights on rank 0 (None elsewhere); every rank must call this."""
+    import deepspeed
+
+    module = engine.module
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = (
+                {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+                if dist.get_rank() == 0
+                else None
+            )
+        return state
+    if dist.get_rank() != 0:
+        return None
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+class _Progress:
+    """Rich progress bar on a terminal, plain log lines elsewhere (pods, CI)."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("step {task.completed}/{task.total}"),
+                BarColumn(),
+                TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", tps="-")
+            self.bar.start()
+
+    def update(self, step: int, total: int, loss: float, tps: float, lr: float, eta: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{loss:.3f}", tps=f"{tps:,.0f}")
+        else:
+            print(
+                f"step {step}/{total} loss {loss:.4f} lr {lr:.2e} tokens/s {tps:,.0f} eta {eta:,.0f}s",
+                flush=True,
+            )
+
+    def note(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Started:
+    spec: Any
+    ctx: WorldContext
+    device: torch.device
+    prepared: Any
+    started: float
+
+
+def _start(manifest: TrainingJob, threads: int | None) -> _Started:
+    """Join the world, check it fits the spec, and prepare the data (rank 0 first)."""
+    import deepspeed
+
+    from lmforge.data.tokenize import prepare_data
+    from lmforge.trainer.engine import on_gpu
+
+    spec = manifest.spec
+    ctx = WorldContext.from_env(manifest.metadata.name, manifest.metadata.namespace or "default")
+    if threads:
+        torch.set_num_threads(threads)
+    device = _device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo")
+    started = time.time()
+    try:
+        spec.check_world_size(ctx.world_size, origin="the launched world")
+    except Exception as exc:
+        raise InvalidForThisRun(str(exc)) from None
+    if ctx.is_main:
+        prepared = prepare_data(spec, log=lambda text: print(text, flush=True))
+    dist.barrier()
+    if not ctx.is_main:
+        prepared = prepare_data(spec, log=lambda text: None)
+    return _Started(spec, ctx, device, prepared, started)
+
+
+def find_lr(manifest: TrainingJob, *, threads: int | None = None) -> float:
+    """`lmforge lr-find`: only the LR range test, on the whole world."""
+    from lmforge.trainer.lr_finder import find_learning_rate
+    from lmforge.trainer.model import GPT, GPTConfig
+
+    run = _start(manifest, threads)
+    spec = run.spec
+    if spec.training.lr_finder is None:
+        from lmforge.api.training import LrFinder
+
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"lr_finder": LrFinder()})})
+    config = GPTConfig.from_spec(spec.model, run.prepared.vocab_size)
+
+    def factory() -> torch.nn.Module:
+        model = GPT(config)
+        if spec.model.initial_model is not None:
+            _load_initial_weights(model, spec.model.initial_model, spec)
+        return model
+
+    suggestion = find_learning_rate(spec, run.prepared, run.ctx, model_factory=factory, device=run.device)
+    dist.barrier()
+    return suggestion
+
+
+def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
+    """Train the manifest's model in this process's slot of the world."""
+    from lmforge.data.reader import SampleReader
+    from lmforge.data.storage import join_uri, storage_for
+    from lmforge.trainer.checkpoint import (
+        CheckpointLocation,
+        load_rank_rng,
+        tag_for,
+        write_rank_rng,
+    )
+    from lmforge.trainer.engine import initialize, set_learning_rate
+    from lmforge.trainer.metrics import JsonlWriter, TrainerMetrics, peak_flops
+    from lmforge.trainer.model import GPT, GPTConfig
+    from lmforge.trainer.schedule import learning_rate
+
+    run = _start(manifest, threads)
+    spec, ctx, device, prepared, started = run.spec, run.ctx, run.device, run.prepared, run.started
+    storage = storage_for(spec.output.uri, spec.s3)
+
+    # 2. Model, with the same initial weights on every rank.
+    torch.manual_seed(spec.training.seed)
+    config = GPTConfig.from_spec(spec.model, prepared.vocab_size)
+    model = GPT(config)
+    if spec.model.initial_model is not None:
+        _load_initial_weights(model, spec.model.initial_model, spec)
+
+    total_steps = spec.total_steps(ctx.world_size)
+    checkpoints = CheckpointLocation(
+        spec.checkpoint.uri or join_uri(spec.output.uri, "checkpoints"),
+        storage_for(spec.checkpoint.uri or spec.output.uri, spec.s3),
+    )
+    resume_tag = _broadcast(checkpoints.newest_committed() if ctx.is_main else None)
+    resume_state = _broadcast(checkpoints.read_state(resume_tag) if ctx.is_main and resume_tag else None)
+
+    # 3. Peak learning rate: the spec's, or the LR range test's suggestion (kept across restarts).
+    peak_lr = spec.training.optimizer.lr
+    if resume_state is not None and resume_state.get("peak_lr"):
+        peak_lr = resume_state["peak_lr"]
+    elif peak_lr == "auto":
+        from lmforge.trainer.lr_finder import find_learning_rate
+
+        peak_lr = find_learning_rate(spec, prepared, ctx, model_factory=lambda: GPT(config), device=device)
+        torch.manual_seed(spec.training.seed)
+        model = GPT(config)
+        if spec.model.initial_model is not None:
+            _load_initial_weights(model, spec.model.initial_model, spec)
+    engine = initialize(model, spec, ctx.world_size, peak_lr=float(peak_lr))
+    accumulation = spec.gradient_accumulation_steps(ctx.world_size)
+    micro = spec.training.micro_batch_size
+    context = spec.model.context_length
+    tokens_per_step = micro * accumulation * ctx.world_size * context
+
+    seed = spec.training.seed
+    train_reader = SampleReader(
+        join_uri(prepared.prepared_uri, "train"),
+        storage_for(prepared.prepared_uri, spec.s3),
+        context,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=seed,
+    )
+    val_reader = SampleReader(
+        join_uri(prepared.prepared_uri, "val"),
+        storage_for(prepared.prepared_uri, spec.s3),
+        context,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=seed,
+        shuffle=False,
+    )
+
+    # 4. Resume from the newest committed checkpoint, whatever stopped the last attempt.
+    step = 0
+    tokens = 0
+    if resume_tag is not None:
+        if ctx.is_node_main:
+            checkpoints.download(resume_tag)
+        dist.barrier()
+        engine.load_checkpoint(str(checkpoints.staging), tag=resume_tag, load_lr_scheduler_states=False)
+        step = int(resume_state["step"])
+        tokens = int(resume_state["tokens"])
+        train_reader.load_state_dict(resume_state["reader"])
+        load_rank_rng(checkpoints.staging / resume_tag, ctx.rank)
+
+    # 5. Observability.
+    metrics = TrainerMetrics(
+        job=ctx.job,
+        namespace=ctx.namespace,
+        rank=ctx.rank,
+        local_rank=ctx.local_rank,
+        port=int(os.environ.get("LMFORGE_METRICS_PORT", spec.metrics.port)),
+    )
+    metrics.total_steps.set(total_steps)
+    metrics.train_step.set(step)
+    metrics.tokens.inc(tokens)
+    output_dir = _output_dir(spec.output.uri)
+    jsonl = JsonlWriter(output_dir / "metrics.jsonl") if ctx.is_main else None
+    if ctx.is_main and not spec.output.uri.startswith("file://"):
+        _fetch_existing(storage, join_uri(spec.output.uri, "metrics.jsonl"), output_dir / "metrics.jsonl")
+    progress = _Progress(total_steps, step, enabled=ctx.is_main)
+    if resume_tag is not None:
+        progress.note(f"resumed from checkpoint {resume_tag} (step {step})")
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    flops_per_token = model.flops_per_token()
+
+    stop_requested = {"flag": False}
+
+    def _on_sigterm(signum: int, frame: Any) -> None:
+        stop_requested["flag"] = True
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+    result = RunResult(resumed_from=step if resume_tag else None, peak_lr=float(peak_lr))
+    losses_since_log: list[float] = []
+    wait_since_log = 0.0
+    interval_start = time.time()
+    interval_start_step = step
+    last_eval: float | None = None
+    preempted = False
+
+    def save(at_step: int) -> None:
+        begin = time.time()
+        tag = tag_for(at_step)
+        staging = checkpoints.staging
+        engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
+        write_rank_rng(staging / tag, ctx.rank)
+        state = {
+            "step": at_step,
+            "tokens": tokens,
+            "reader": train_reader.state_dict(),
+            "peak_lr": float(peak_lr),
+            "world_size": ctx.world_size,
+        }
+        if ctx.is_main:
+            (staging / tag / "trainer_state.json").write_text(json.dumps(state))
+        dist.barrier()
+        if ctx.is_node_main:
+            checkpoints.upload(tag)
+        dist.barrier()
+        if ctx.is_main:
+            checkpoints.commit(tag, state)
+            checkpoints.prune(spec.checkpoint.keep)
+            _publish(storage, output_dir, spec.output.uri, ["metrics.jsonl"])
+        dist.barrier()
+        metrics.checkpoint_step.set(at_step)
+        metrics.checkpoint_time.set(time.time())
+        metrics.checkpoint_seconds.set(time.time() - begin)
+        progress.note(f"checkpoint {tag} committed in {time.time() - begin:.1f}s")
+
+    engine.train()
+    while step < total_steps:
+        lr = learning_rate(step, peak=float(peak_lr), total_steps=total_steps, schedule=spec.training.schedule)
+        set_learning_rate(engine, lr)
+        step_loss = 0.0
+        for _ in range(accumulation):
+            waited = time.time()
+            x, y = train_reader.next_batch(micro)
+            wait_since_log += time.time() - waited
+            _, loss = engine(x.to(device), y.to(device))
+            engine.backward(loss)
+            engine.step()
+            step_loss += float(loss.item()) / accumulation
+        step += 1
+        tokens += tokens_per_step
+        metrics.tokens.inc(tokens_per_step)
+        losses_since_log.append(step_loss)
+
+        if step % spec.training.log_interval == 0 or step == total_steps:
+            mean_loss = _mean(sum(losses_since_log) / len(losses_since_log), ctx.world_size)
+            elapsed = max(1e-9, time.time() - interval_start)
+            tps = (step - interval_start_step) * tokens_per_step / elapsed
+            eta = (total_steps - step) * elapsed / max(1, step - interval_start_step)
+            grad_norm = engine.get_global_grad_norm()
+            metrics.train_loss.set(mean_loss)
+            metrics.learning_rate.set(lr)
+            metrics.train_step.set(step)
+            metrics.tokens_per_second.set(tps)
+            metrics.data_wait.set(wait_since_log)
+            metrics.eta_seconds.set(eta)
+            if grad_norm is not None and math.isfinite(float(grad_norm)):
+                metrics.grad_norm.set(float(grad_norm))
+            record: dict[str, Any] = {
+                "step": step,
+                "loss": mean_loss,
+                "lr": lr,
+                "tokens": tokens,
+                "tokens_per_second": tps,
+                "data_wait_seconds": wait_since_log,
+                "data_position": train_reader.state_dict()["position"],
+                "time": time.time(),
+            }
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            if peak is not None:
+                mfu = tps * flops_per_token / (peak * ctx.world_size)
+                metrics.mfu.set(mfu)
+                record["mfu"] = mfu
+                metrics.gpu_memory.set(torch.cuda.max_memory_allocated(device))
+            if jsonl is not None:
+                jsonl.write(record)
+            progress.update(step, total_steps, mean_loss, tps, lr, eta)
+            result.losses.append(mean_loss)
+            result.final_loss = mean_loss
+            result.tokens_per_second = tps
+            losses_since_log, wait_since_log = [], 0.0
+            interval_start, interval_start_step = time.time(), step
+
+        if step % spec.training.eval_interval == 0 or step == total_steps:
+            last_eval = _evaluate(engine, val_reader, spec.training.eval_batches, micro, ctx.world_size, device)
+            metrics.eval_loss.set(last_eval)
+            if jsonl is not None:
+                jsonl.write(
+                    {
+                        "step": step,
+                        "eval_loss": last_eval,
+                        "eval_perplexity": math.exp(min(last_eval, 50)),
+                        "time": time.time(),
+                    }
+                )
+            progress.note(f"step {step}: eval loss {last_eval:.4f} (perplexity {math.exp(min(last_eval, 50)):.1f})")
+
+        preempted = _any(stop_requested["flag"])
+        if step % spec.checkpoint.interval == 0 or step == total_steps or preempted:
+            save(step)
+        if preempted:
+            progress.note(f"SIGTERM: checkpoint at step {step} saved; exiting")
+            break
+
+    progress.close()
+    result.steps = step
+    result.tokens = tokens
+    result.final_eval_loss = last_eval
+    if not preempted:
+        state = _full_state_dict(engine, spec.training.zero.stage)
+        if ctx.is_main:
+            result.model_uri = _export(state, config, prepared, spec, storage, output_dir)
+            _write_summary(result, spec, output_dir, storage, started)
+    dist.barrier()
+    metrics.close()
+    result.seconds = time.time() - started
+    if preempted:
+        raise SystemExit(PREEMPTED_EXIT)
+    return result
+
+
+# --- output helpers --------------------------------------------------------------------------
+
+
+def _output_dir(uri: str) -> Path:
+    """Local directory the run writes its outputs to before they are uploaded (if s3://)."""
+    from lmforge.data.storage import local_path
+
+    if uri.startswith("file://"):
+        path = local_path(uri)
+    else:
+        import hashlib
+        import tempfile
+
+        path = Path(tempfile.gettempdir()) / "lmforge-output" / hashlib.sha256(uri.encode()).hexdigest()[:12]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _fetch_existing(storage: Any, uri: str, target: Path) -> None:
+    if storage.exists(uri):
+        storage.download_file(uri, target)
+
+
+def _publish(storage: Any, output_dir: Path, output_uri: str, names: list[str]) -> None:
+    """Upload the named files (or directories) under the output dir to an s3:// output."""
+    from lmforge.data.storage import join_uri
+
+    if output_uri.startswith("file://"):
+        return
+    for name in names:
+        path = output_dir / name
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            storage.upload_file(file, join_uri(output_uri, file.relative_to(output_dir).as_posix()))
+
+
+def _export(
+    state: dict[str, torch.Tensor] | None, config: Any, prepared: Any, spec: Any, storage: Any, output_dir: Path
+) -> str:
+    from lmforge.data.storage import join_uri
+    from lmforge.trainer.export import export_model
+    from lmforge.trainer.model import GPT
+
+    model = GPT(config)
+    model.load_state_dict(state)
+    tokenizer_json = output_dir / "tokenizer.json.tmp"
+    tokenizer_json.write_text(prepared.tokenizer.to_str())
+    export_model(model, tokenizer_json, output_dir / "model")
+    tokenizer_json.unlink()
+    _publish(storage, output_dir, spec.output.uri, ["model", "metrics.jsonl"])
+    return join_uri(spec.output.uri, "model")
+
+
+def _write_summary(result: RunResult, spec: Any, output_dir: Path, storage: Any, started: float) -> None:
+    summary = {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "final_loss": result.final_loss,
+        "final_eval_loss": result.final_eval_loss,
+        "final_eval_perplexity": math.exp(min(result.final_eval_loss, 50))
+        if result.final_eval_loss is not None
+        else None,
+        "tokens_per_second": result.tokens_per_second,
+        "peak_lr": result.peak_lr,
+        "resumed_from": result.resumed_from,
+        "seconds": time.time() - started,
+        "model_uri": result.model_uri,
+    }
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _publish(storage, output_dir, spec.output.uri, ["summary.json"])
+
+
+def _load_initial_weights(model: torch.nn.Module, uri: str, spec: Any) -> None:
+    """Start from an exported model (finetune / continual): same shape required."""
+    from lmforge.trainer.export import load_model
+
+    directory = _materialize(uri, spec)
+    source, _ = load_model(directory)
+    missing = model.load_state_dict(source.state_dict(), strict=False)
+    if missing.missing_keys or missing.unexpected_keys:
+        raise InvalidForThisRun(
+            f"model.initialModel {uri} does not match spec.model: missing {missing.missing_keys[:3]}, "
+            f"unexpected {missing.unexpected_keys[:3]}; make spec.model the shape of that model"
+        )
+
+
+def _materialize(uri: str, spec: Any) -> Path:
+    """A local directory holding the files under ``uri`` (downloaded once for s3://)."""
+    import hashlib
+    import tempfile
+
+    from lmforge.data.storage import local_path, storage_for
+
+    if uri.startswith("file://"):
+        return local_path(uri)
+    storage = storage_for(uri, spec.s3)
+    target = Path(tempfile.gettempdir()) / "lmforge-models" / hashlib.sha256(uri.encode()).hexdigest()[:12]
+    prefix = uri.rstrip("/") + "/"
+    for item in storage.list(uri):
+        path = target / item[len(prefix) :]
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            storage.download_file(item, path)
+    return target
+
+
+def exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, InvalidForThisRun):
+        return exitcodes.INVALID_SPEC
+    return exitcodes.RETRYABLE

@@ -1,0 +1,91 @@
+"""Shared helpers for the tests that run the real trainer (`lmforge run`) in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "examples" / "data" / "python-docs.txt"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tiny_job(out: Path, prepared: Path, corpus: Path, **training: Any) -> dict[str, Any]:
+    """A TrainingJob small enough for 2 CPU processes in seconds."""
+    spec_training = {
+        "maxSteps": 8,
+        "microBatchSize": 4,
+        "precision": "fp32",
+        "zero": {"stage": 1},
+        "evalInterval": 4,
+        "evalBatches": 2,
+        "logInterval": 1,
+        "optimizer": {"lr": 3.0e-3},
+        "schedule": {"warmupSteps": 2},
+    }
+    spec_training.update(training)
+    return {
+        "apiVersion": "lmforge.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "model": {"layers": 2, "width": 64, "heads": 4, "kvHeads": 2, "contextLength": 64},
+            "tokenizer": {"vocabSize": 512},
+            "data": {
+                "sources": [f"file://{corpus}"],
+                "validationFraction": 0.1,
+                "preparedUri": f"file://{prepared}",
+            },
+            "training": spec_training,
+            "checkpoint": {"interval": 4, "keep": 3},
+            "output": {"uri": f"file://{out}"},
+            "resources": {"processesPerNode": 2},
+        },
+    }
+
+
+def write_job(path: Path, job: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def trainer_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"DS_ACCELERATOR": "cpu", "LMFORGE_METRICS_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def lmforge(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env or trainer_env(),
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+def step_records(out: Path, key: str = "loss") -> dict[int, dict[str, Any]]:
+    """The last metrics.jsonl record per step that has ``key``."""
+    records: dict[int, dict[str, Any]] = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            records[record["step"]] = record
+    return records
