@@ -56,7 +56,7 @@ def test_text_corpus_prepares_once_and_is_reused(tmp_path: Path) -> None:
     paragraphs = _paragraphs(60)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "a.txt").write_text("\n\n".join(paragraphs[:30]) + "\n")
+    (corpus / "a.txt").write_text("\n\n\n".join(paragraphs[:30]) + "\n")
     (corpus / "b.txt").write_text("\n\n\n".join(p.replace(". ", ".\n") for p in paragraphs[30:]))
     (corpus / ".hidden").write_text("never read")
     logs: list[str] = []
@@ -68,7 +68,7 @@ def test_text_corpus_prepares_once_and_is_reused(tmp_path: Path) -> None:
     assert prepared.vocab_size == prepared.tokenizer.get_vocab_size() <= 300 and not prepared.reused
     train = _decode_split(prepared.prepared_uri, "train", prepared.tokenizer)
     val = _decode_split(prepared.prepared_uri, "val", prepared.tokenizer)
-    assert sorted(train + val) == sorted(paragraphs)  # one document per blank-line-separated block
+    assert sorted(train + val) == sorted(paragraphs)  # one document per section (2+ blank lines)
     assert val and all(is_validation(doc, 0.2) for doc in val) and not any(is_validation(doc, 0.2) for doc in train)
     storage = LocalStorage()
     assert prepared.train_tokens == read_index(join_uri(prepared.prepared_uri, "train"), storage)["total_tokens"]
@@ -92,10 +92,25 @@ def test_text_corpus_prepares_once_and_is_reused(tmp_path: Path) -> None:
     assert changed.vocab_size <= 280
 
 
+def test_paragraphs_stay_together_until_a_section_break_or_the_target_size(tmp_path: Path) -> None:
+    from lmforge.data.tokenize import TEXT_DOCUMENT_TARGET_CHARS
+
+    section = "First paragraph.\n\nSecond paragraph of the same section."
+    long_paragraph = "word " * (TEXT_DOCUMENT_TARGET_CHARS // 5 + 10)
+    (tmp_path / "book.txt").write_text(section + "\n\n\n" + long_paragraph + "\n\n" + "Next chunk.")
+    prepared = prepare_data(
+        _spec([f"file://{tmp_path}/book.txt"], f"file://{tmp_path}/out", validationFraction=0.0), log=lambda _: None
+    )
+    docs = _decode_split(prepared.prepared_uri, "train", prepared.tokenizer)
+    assert section in docs  # the single blank line did not split it
+    assert "Next chunk." in docs  # a long block ends at its next paragraph break
+    assert len(docs) == 3
+
+
 def test_tiny_corpus_still_gets_a_validation_document(tmp_path: Path) -> None:
     docs = ["one small document.", "another small document."]
     docs = [d for d in docs if not is_validation(d, 0.01)]
-    (tmp_path / "tiny.txt").write_text("\n\n".join(docs))
+    (tmp_path / "tiny.txt").write_text("\n\n\n".join(docs))
     logs: list[str] = []
     prepared = prepare_data(
         _spec([f"file://{tmp_path}/tiny.txt"], f"file://{tmp_path}/out", validationFraction=0.01), log=logs.append

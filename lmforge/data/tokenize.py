@@ -13,9 +13,11 @@ tokenizer and writes the shards. Layout under the prepared URI (``spec.data.prep
 
 Documents by format:
 
-- ``text``: each file is a stream of lines; a document is a block of lines ended by one or more
-  blank (whitespace-only) lines. Blocks longer than ``MAX_TEXT_DOCUMENT_CHARS`` are cut at a line
-  boundary so that a file without blank lines never has to fit in memory as one string.
+- ``text``: each file is a stream of lines. A document ends at two or more consecutive blank lines
+  (a section break), or at a paragraph break (one blank line) once it holds
+  ``TEXT_DOCUMENT_TARGET_CHARS`` characters, so books and manuals become section-sized documents
+  rather than one end-of-text token per paragraph. Blocks longer than ``MAX_TEXT_DOCUMENT_CHARS``
+  are cut at a line boundary so that a file without blank lines never has to fit in memory.
 - ``jsonl``: one JSON object per line, the text in ``data.textField``.
 - ``sft``: one JSON object per line with ``data.promptField`` and ``data.responseField``; the tokens
   are ``tok(prompt) + tok(response) + <|endoftext|>`` with loss mask 0 on the prompt and 1 on the
@@ -66,6 +68,7 @@ MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
 MAX_TEXT_DOCUMENT_CHARS = 1_000_000
+TEXT_DOCUMENT_TARGET_CHARS = 8_000
 ENCODE_BATCH = 1024
 _SHARD_FILE = re.compile(r"^shard-\d{5}(\.mask)?\.bin$")
 
@@ -179,12 +182,17 @@ def open_text(uri: str, storage: Storage) -> Iterator[IO[str]]:
 def _text_documents(lines: IO[str]) -> Iterator[str]:
     block: list[str] = []
     size = 0
+    blank_run = 0
     for line in lines:
         if not line.strip():
-            if block:
+            blank_run += 1
+            if block and (blank_run >= 2 or size >= TEXT_DOCUMENT_TARGET_CHARS):
                 yield "".join(block).rstrip("\n")
                 block, size = [], 0
+            elif block:
+                block.append("\n")  # a paragraph break inside the document
             continue
+        blank_run = 0
         block.append(line)
         size += len(line)
         if size >= MAX_TEXT_DOCUMENT_CHARS:
