@@ -23,8 +23,15 @@ Documents by format:
   are ``tok(prompt) + tok(response) + <|endoftext|>`` with loss mask 0 on the prompt and 1 on the
   response and the end-of-text token.
 
-Malformed JSONL lines (bad JSON, not an object, missing field, non-string value) and empty
-documents are skipped and counted; the summary is logged and recorded in the manifest.
+Malformed JSONL lines (bad JSON, not an object, missing field, non-string value), empty
+documents and the rest of a truncated ``.gz`` / ``.zst`` file are skipped and counted; the summary
+is logged and recorded in the manifest (see :mod:`lmforge.data.prepare.read`).
+
+With ``data.prepare`` set, the documents go through :mod:`lmforge.data.prepare` (normalisation,
+annotation rules, deduplication, script and quality filters, PII redaction) before the split;
+invalid UTF-8 and records over ``prepare.maxRecordChars`` are skipped too; augmentation adds
+copies to the training split only; and a data report (``report.json``, ``report.md``) is written
+next to the shards and printed.
 
 Split: a document goes to validation when the first 64 bits of sha256(document) / 2**64 <
 ``data.validationFraction``, so identical documents always land in the same split. If the
@@ -54,6 +61,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer
 
+from lmforge.data.prepare.read import MAX_TEXT_DOCUMENT_CHARS, TEXT_DOCUMENT_TARGET_CHARS, DocumentReader  # noqa: F401
+from lmforge.data.prepare.report import Report
 from lmforge.data.shards import INDEX, ShardWriter, read_index
 from lmforge.data.storage import Storage, join_uri
 from lmforge.data.storage import storage_for as default_storage_for
@@ -67,8 +76,6 @@ PREPARE_FORMAT = 1
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
-MAX_TEXT_DOCUMENT_CHARS = 1_000_000
-TEXT_DOCUMENT_TARGET_CHARS = 8_000
 ENCODE_BATCH = 1024
 _SHARD_FILE = re.compile(r"^shard-\d{5}(\.mask)?\.bin$")
 
@@ -179,68 +186,16 @@ def open_text(uri: str, storage: Storage) -> Iterator[IO[str]]:
             text.detach()
 
 
-def _text_documents(lines: IO[str]) -> Iterator[str]:
-    block: list[str] = []
-    size = 0
-    blank_run = 0
-    for line in lines:
-        if not line.strip():
-            blank_run += 1
-            if block and (blank_run >= 2 or size >= TEXT_DOCUMENT_TARGET_CHARS):
-                yield "".join(block).rstrip("\n")
-                block, size = [], 0
-            elif block:
-                block.append("\n")  # a paragraph break inside the document
-            continue
-        blank_run = 0
-        block.append(line)
-        size += len(line)
-        if size >= MAX_TEXT_DOCUMENT_CHARS:
-            yield "".join(block).rstrip("\n")
-            block, size = [], 0
-    if block:
-        yield "".join(block).rstrip("\n")
-
-
 def iter_records(
     files: list[str], storages: Callable[[str], Storage], spec: TrainingJobSpec, skipped: Counter[str]
 ) -> Iterator[tuple[str, Any]]:
     """``(split key, record)`` per document: record is the text, or ``[prompt, response]`` for sft."""
-    data = spec.data
-    for uri in files:
-        storage = storages(uri)
-        with open_text(uri, storage) as lines:
-            if data.format == "text":
-                for text in _text_documents(lines):
-                    yield text, text
-                continue
-            wanted = [data.text_field] if data.format == "jsonl" else [data.prompt_field, data.response_field]
-            for line in lines:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    skipped["invalid JSON"] += 1
-                    continue
-                if not isinstance(obj, dict):
-                    skipped["not a JSON object"] += 1
-                    continue
-                values = [obj.get(name) for name in wanted]
-                missing = [name for name, value in zip(wanted, values, strict=True) if value is None]
-                if missing:
-                    skipped[f"missing field {missing[0]!r}"] += 1
-                    continue
-                if not all(isinstance(value, str) for value in values):
-                    skipped["field is not a string"] += 1
-                    continue
-                if not values[-1].strip():
-                    skipped["empty text" if data.format == "jsonl" else "empty response"] += 1
-                    continue
-                if data.format == "jsonl":
-                    yield values[0], values[0]
-                else:
-                    yield values[0] + "\x1e" + values[1], values
+
+    def skip(reason: str, _example: str, _source: str) -> None:
+        skipped[reason] += 1
+
+    for doc in DocumentReader(spec.data, skip).read(files, storages):
+        yield doc.key, doc.record
 
 
 # --- preparation ------------------------------------------------------------------------------
@@ -333,32 +288,39 @@ def prepare_data(
         return reused
 
     started = time.time()
-    if data.prepare is not None:
-        log("data: note: data.prepare (cleaning, dedup, filters) is not applied by this version; tokenizing as is")
     _clear(storage, prepared)
     files = resolve_sources(list(data.sources), storages)
     log(f"data: preparing {len(files)} file(s) from {len(data.sources)} source(s) into {prepared}")
-    skipped: Counter[str] = Counter()
+    report = Report()
+    report.files = len(files)
+    docs, augmenter = _documents(spec, files, storages, report)
+    skipped = report.skipped
     counts = {"train": 0, "val": 0}
+    augmented = 0
     with tempfile.TemporaryDirectory(prefix="lmforge-prepare-") as tmp:
         spools = {split: Path(tmp) / f"{split}.jsonl" for split in SPLITS}
         with contextlib.ExitStack() as stack:
             outs = {split: stack.enter_context(open(spools[split], "w", encoding="utf-8")) for split in SPLITS}
+
+            def flush(split: str, record: Any) -> None:
+                nonlocal augmented
+                outs[split].write(json.dumps(record, ensure_ascii=False) + "\n")
+                if split == "train" and augmenter is not None:
+                    for copy in augmenter.augment(record if isinstance(record, list) else [record]):
+                        outs[split].write(json.dumps(copy if len(copy) > 1 else copy[0], ensure_ascii=False) + "\n")
+                        augmented += 1
+
             # The newest document of each split is held back so that one can move split at the end.
-            held: dict[str, str | None] = {"train": None, "val": None}
-            for key, record in iter_records(files, storages, spec, skipped):
+            held: dict[str, Any] = {"train": None, "val": None}
+            for key, record in docs:
                 split = "val" if is_validation(key, data.validation_fraction) else "train"
                 if held[split] is not None:
-                    outs[split].write(held[split])
-                held[split] = json.dumps(record, ensure_ascii=False) + "\n"
+                    flush(split, held[split])
+                held[split] = record
                 counts[split] += 1
             total = counts["train"] + counts["val"]
             if total == 0:
-                raise ValueError(
-                    f"no documents in data.sources {list(data.sources)}: {len(files)} file(s) read"
-                    + (f", skipped {_summary(skipped)}" if skipped else ", all empty")
-                    + f"; check data.format ({data.format}) and the field names"
-                )
+                raise ValueError(_empty_message(spec, files, report, storage, prepared, log))
             if data.validation_fraction > 0 and counts["val"] == 0 and counts["train"] >= 2:
                 held["val"], held["train"] = held["train"], None
                 counts["val"], counts["train"] = 1, counts["train"] - 1
@@ -369,7 +331,7 @@ def prepare_data(
                 log("data: no document fell into training by hash; moved the last validation document there")
             for split in SPLITS:
                 if held[split] is not None:
-                    outs[split].write(held[split])
+                    flush(split, held[split])
         if skipped:
             log(f"data: skipped {sum(skipped.values())} record(s): {_summary(skipped)}")
         if data.validation_fraction > 0 and counts["val"] == 0:
@@ -397,13 +359,28 @@ def prepare_data(
                         writer.add(encoding.ids + [eot])
             tokens[split] = int(writer.close()["total_tokens"])
 
+    documents = {"train": counts["train"] + augmented, "val": counts["val"]}
     stats = {
         "files": len(files),
-        "documents": counts,
+        "documents": documents,
         "tokens": tokens,
         "skipped": dict(skipped),
         "seconds": round(time.time() - started, 3),
     }
+    if data.prepare is not None:
+        report.extra["split"] = {**counts, "augmented": augmented}
+        report.extra["tokens"] = tokens
+        report.extra["seconds"] = stats["seconds"]
+        json_uri, md_uri = report.write(storage, prepared)
+        stats["prepare"] = {
+            "read": report.read,
+            "out": total,
+            "removed": {row["stage"]: row["removed"] for row in report.stages()},
+            "augmented": augmented,
+            "report": json_uri,
+        }
+        log(report.to_markdown().rstrip())
+        log(f"data: report written to {md_uri} and {json_uri}")
     manifest = {
         "format": PREPARE_FORMAT,
         "fingerprint": wanted,
@@ -415,7 +392,7 @@ def prepare_data(
     }
     storage.write_bytes(join_uri(prepared, MANIFEST), json.dumps(manifest, indent=1).encode())
     log(
-        f"data: prepared {counts['train']:,} training / {counts['val']:,} validation documents, "
+        f"data: prepared {documents['train']:,} training / {documents['val']:,} validation documents, "
         f"{tokens['train']:,} / {tokens['val']:,} tokens, vocabulary {vocab}, in {stats['seconds']:.1f}s"
     )
     return PreparedData(
@@ -428,6 +405,68 @@ def prepare_data(
         eot_id=eot,
         reused=False,
         stats=stats,
+    )
+
+
+def _documents(
+    spec: TrainingJobSpec, files: list[str], storages: Callable[[str], Storage], report: Report
+) -> tuple[Iterator[tuple[str, Any]], Any]:
+    """``(split key, record)`` of the documents to split, and the augmenter (None without one).
+
+    Without ``data.prepare`` the records are the sources' documents as they are; with it they are
+    what the preparation pipeline keeps (the key is the prepared text, so the split follows it).
+    """
+    data = spec.data
+    settings = data.prepare
+    reader = DocumentReader(
+        data,
+        report.skip_input,
+        strict=settings is not None,
+        max_chars=settings.max_record_chars if settings is not None else None,
+    )
+    docs = reader.read(files, storages)
+    if settings is None:
+
+        def plain() -> Iterator[tuple[str, Any]]:
+            for doc in docs:
+                report.read += 1
+                yield doc.key, doc.record
+
+        return plain(), None
+    from lmforge.data.prepare.pipeline import Pipeline
+
+    pipeline = Pipeline(settings, report, lambda uri: storages(uri).read_bytes(uri))
+    return ((doc.key, doc.record) for doc in pipeline.run(docs)), pipeline.augmenter
+
+
+def _empty_message(
+    spec: TrainingJobSpec,
+    files: list[str],
+    report: Report,
+    storage: Storage,
+    prepared: str,
+    log: Callable[[str], None],
+) -> str:
+    """Why no document is left; with data.prepare the report is written first, for the details."""
+    data = spec.data
+    skipped = report.skipped
+    if data.prepare is None:
+        return (
+            f"no documents in data.sources {list(data.sources)}: {len(files)} file(s) read"
+            + (f", skipped {_summary(skipped)}" if skipped else ", all empty")
+            + f"; check data.format ({data.format}) and the field names"
+        )
+    _, md_uri = report.write(storage, prepared)
+    log(report.to_markdown().rstrip())
+    removed = [f"{row['stage']} removed {row['removed']:,}" for row in report.stages() if row["removed"]]
+    top = report.to_dict()["top_reasons"][:3]
+    reasons = "; ".join(f"{item['stage']}: {item['reason']} ({item['count']:,})" for item in top)
+    return (
+        f"no documents left after data.prepare: {report.read:,} record(s) read from {len(files)} file(s)"
+        + (f", {sum(skipped.values()):,} unreadable" if skipped else "")
+        + (f"; {', '.join(removed)}" if removed else "")
+        + (f". Top reasons: {reasons}" if reasons else "")
+        + f". Loosen data.prepare (quality filters, scripts, annotation rules) or check the sources; report: {md_uri}"
     )
 
 
