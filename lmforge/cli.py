@@ -129,6 +129,24 @@ def _print_summary(result: dict) -> None:
         typer.echo(f"  {name:<11}{value}")
 
 
+@app.command()
+def prepare(manifest: Annotated[Path, typer.Argument(help="TrainingJob manifest; its spec.data is prepared.")]) -> None:
+    """Prepare spec.data (clean, deduplicate, filter, tokenize) into shards and print the data report."""
+    from lmforge.data.tokenize import prepare_data
+
+    job = _load_training_job(manifest)
+    try:
+        prepared = prepare_data(job.spec, log=typer.echo)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:  # empty result, missing source, no access
+        typer.echo(typer.style("error: ", fg="red", bold=True) + str(exc), err=True)
+        raise typer.Exit(exitcodes.INVALID_SPEC) from None
+    except Exception as exc:  # storage outage or an unexpected fault: the operator retries
+        typer.echo(typer.style("error: ", fg="red", bold=True) + f"{type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(exitcodes.RETRYABLE) from None
+    state = "reused" if prepared.reused else "prepared"
+    typer.echo(f"{state}: {prepared.prepared_uri} (train {prepared.train_tokens:,} / val {prepared.val_tokens:,} tokens)")
+
+
 @app.command(name="lr-find")
 def lr_find(
     manifest: Annotated[Path, typer.Argument(help="TrainingJob manifest.")],
