@@ -173,9 +173,8 @@ def main() -> None:
     total_ours = total_theirs = 0.0
     for stage, (mine, other) in equal_work(texts).items():
         total_ours, total_theirs = total_ours + mine, total_theirs + other
-        print(
-            f"  {stage:<20} lmforge {len(texts) / mine:8,.0f} docs/s   datatrove {len(texts) / other:8,.0f} docs/s   {other / mine:5.2f}x"
-        )
+        rates = f"lmforge {len(texts) / mine:8,.0f} docs/s   datatrove {len(texts) / other:8,.0f} docs/s"
+        print(f"  {stage:<20} {rates}   {other / mine:5.2f}x")
     print(
         f"  {'filters + MinHash':<20} lmforge {len(texts) / total_ours:8,.0f} docs/s   datatrove "
         f"{len(texts) / total_theirs:8,.0f} docs/s   {total_theirs / total_ours:5.2f}x (target >= 5x)"
