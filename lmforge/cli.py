@@ -253,6 +253,35 @@ def report(
     typer.echo(f"curves: {directory / 'report.png'}")
 
 
+@app.command()
+def operator(
+    namespace: Annotated[
+        list[str] | None,
+        typer.Option("--namespace", "-n", help="Namespace to watch (repeatable); default LMFORGE_NAMESPACES, else all."),
+    ] = None,
+    metrics_port: Annotated[int, typer.Option(help="Port of the operator's /metrics; 0 disables.")] = 9402,
+    liveness: Annotated[
+        str, typer.Option(help="Kopf liveness endpoint URL; empty disables.")
+    ] = "http://0.0.0.0:8080/healthz",
+    peering: Annotated[
+        bool, typer.Option("--peering/--standalone", help="Kopf peering for several replicas (needs the KopfPeering CRD).")
+    ] = False,
+    poll_interval: Annotated[float, typer.Option(help="Seconds between supervision steps of a job.")] = 5.0,
+    progress_interval: Annotated[float, typer.Option(help="Seconds between reads of rank 0's metrics.")] = 10.0,
+) -> None:
+    """Run the Kopf operator that turns TrainingJobs and CompressionJobs into DeepSpeed pods."""
+    from lmforge.operator.main import run_operator
+
+    run_operator(
+        namespace or [],
+        metrics_port,
+        liveness or None,
+        peering=peering,
+        poll_interval=poll_interval,
+        progress_interval=progress_interval,
+    )
+
+
 @app.command(name="exit-codes")
 def exit_codes() -> None:
     """List the exit codes lmforge commands use (the operator relies on them)."""

@@ -1,0 +1,282 @@
+"""Pure builders of the objects a TrainingJob or CompressionJob owns.
+
+Nothing here talks to the API: every function maps a validated manifest (and an attempt number)
+to a plain dict, so the shapes are unit-testable and the reconciler stays small. Ownership
+(``kopf.adopt``) is applied by the caller, which has the owner's body.
+
+Names are deterministic (``<job>-config``, ``<job>-nodes``, ``<job>-a<attempt>``): that is what
+makes every handler idempotent — a restarted operator finds the children by name instead of
+creating duplicates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from lmforge.api.common import Resources, Scheduling
+from lmforge.api.manifest import CompressionJob, TrainingJob
+
+LABEL_JOB = "lmforge.dev/job"
+"""Name of the owning TrainingJob/CompressionJob, on every child and every pod."""
+LABEL_KIND = "lmforge.dev/kind"
+"""``training`` or ``compression``: the two kinds may share names in a namespace."""
+LABEL_ATTEMPT = "lmforge.dev/attempt"
+"""Attempt number of a Job and its pods."""
+INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
+
+CONFIG_DIR = "/etc/lmforge"
+CONFIG_KEY = "job.yaml"
+MASTER_PORT = 29500
+"""Rendezvous gate; torch's elastic rendezvous uses MASTER_PORT + 1."""
+TERMINATION_GRACE_SECONDS = 660
+"""The trainer checkpoints on SIGTERM within LMFORGE_SHUTDOWN_TIMEOUT (600 s); a minute more."""
+RUN_AS_USER = 1000
+CONTAINER = "trainer"
+
+Manifest = TrainingJob | CompressionJob
+
+
+def kind_label(manifest: Manifest) -> str:
+    return "training" if manifest.kind == "TrainingJob" else "compression"
+
+
+def config_map_name(job: str) -> str:
+    return f"{job}-config"
+
+
+def service_name(job: str) -> str:
+    return f"{job}-nodes"
+
+
+def attempt_job_name(job: str, attempt: int) -> str:
+    return f"{job}-a{attempt}"
+
+
+def compression_job_name(job: str, attempt: int) -> str:
+    return f"{job}-compress-a{attempt}"
+
+
+def master_addr(job: str, attempt: int, namespace: str) -> str:
+    """Index 0's stable DNS name: Indexed Job pods are ``<jobname>-<index>`` under the Service."""
+    return f"{attempt_job_name(job, attempt)}-0.{service_name(job)}.{namespace}.svc"
+
+
+def selector_labels(manifest: Manifest) -> dict[str, str]:
+    return {LABEL_JOB: manifest.metadata.name, LABEL_KIND: kind_label(manifest)}
+
+
+def pod_manifest(manifest: Manifest) -> dict[str, Any]:
+    """What the pods read at /etc/lmforge/job.yaml: the validated manifest, defaults filled in."""
+    body = manifest.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
+    body["metadata"] = {"name": manifest.metadata.name, "namespace": manifest.metadata.namespace}
+    return body
+
+
+def config_map(manifest: Manifest) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": config_map_name(manifest.metadata.name), "labels": selector_labels(manifest)},
+        "data": {CONFIG_KEY: yaml.safe_dump(pod_manifest(manifest), sort_keys=False)},
+    }
+
+
+def headless_service(manifest: Manifest) -> dict[str, Any]:
+    """Stable pod hostnames for rendezvous; not-ready pods must resolve while they wait."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service_name(manifest.metadata.name), "labels": selector_labels(manifest)},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(manifest),
+            "ports": [
+                {"name": "rendezvous", "port": MASTER_PORT},
+                {"name": "elastic", "port": MASTER_PORT + 1},
+                {"name": "metrics", "port": manifest.spec.metrics.port},
+            ],
+        },
+    }
+
+
+def pod_group(manifest: Manifest) -> dict[str, Any] | None:
+    """A Volcano PodGroup when gang scheduling is asked for: all pods start together or none."""
+    if not manifest.spec.scheduling.gang:
+        return None
+    return {
+        "apiVersion": "scheduling.volcano.sh/v1beta1",
+        "kind": "PodGroup",
+        "metadata": {"name": manifest.metadata.name, "labels": selector_labels(manifest)},
+        "spec": {"minMember": manifest.spec.resources.nodes},
+    }
+
+
+def _resources(res: Resources) -> dict[str, Any]:
+    amounts: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
+    if res.gpus_per_node:
+        amounts["nvidia.com/gpu"] = str(res.gpus_per_node)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _env(manifest: Manifest, attempt: int) -> list[dict[str, Any]]:
+    res = manifest.spec.resources
+    name, namespace = manifest.metadata.name, manifest.metadata.namespace or "default"
+    env: list[dict[str, Any]] = []
+    if isinstance(manifest, TrainingJob):
+        env += [
+            {"name": "MASTER_ADDR", "value": master_addr(name, attempt, namespace)},
+            {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+            {"name": "NNODES", "value": str(res.nodes)},
+            {
+                "name": "NODE_RANK",
+                "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX_LABEL}']"}},
+            },
+            {"name": "NPROC_PER_NODE", "value": str(res.processes)},
+        ]
+    env += [
+        {"name": "LMFORGE_METRICS_ADDR", "value": "0.0.0.0"},
+        {"name": "LMFORGE_ATTEMPT", "value": str(attempt)},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    if res.gpus_per_node == 0:
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    secret = manifest.spec.s3.credentials_secret
+    if secret:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+    return env
+
+
+def _pod_spec(manifest: Manifest, attempt: int, command: list[str]) -> dict[str, Any]:
+    res = manifest.spec.resources
+    scheduling: Scheduling = manifest.spec.scheduling
+    container = {
+        "name": CONTAINER,
+        "image": res.image,
+        "imagePullPolicy": res.image_pull_policy,
+        "command": command,
+        "env": _env(manifest, attempt),
+        "ports": [
+            {"name": "rendezvous", "containerPort": MASTER_PORT},
+            {"name": "elastic", "containerPort": MASTER_PORT + 1},
+            {"name": "metrics", "containerPort": manifest.spec.metrics.port},
+        ],
+        "resources": _resources(res),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_map_name(manifest.metadata.name)}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shared_memory}},
+        ],
+    }
+    if res.node_selector:
+        spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        spec["tolerations"] = [t.to_manifest() for t in res.tolerations]
+    if res.priority_class_name:
+        spec["priorityClassName"] = res.priority_class_name
+    if scheduling.scheduler_name:
+        spec["schedulerName"] = scheduling.scheduler_name
+    return spec
+
+
+def _batch_job(manifest: Manifest, name: str, attempt: int, command: list[str], nodes: int) -> dict[str, Any]:
+    labels = {**selector_labels(manifest), LABEL_ATTEMPT: str(attempt)}
+    job_labels = dict(labels)
+    if manifest.spec.scheduling.queue:
+        job_labels[KUEUE_LABEL] = manifest.spec.scheduling.queue
+    pod_annotations = {}
+    if manifest.spec.scheduling.gang:
+        pod_annotations[VOLCANO_GROUP_ANNOTATION] = manifest.metadata.name
+    pod_spec = _pod_spec(manifest, attempt, command)
+    if isinstance(manifest, TrainingJob):
+        pod_spec["subdomain"] = service_name(manifest.metadata.name)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": job_labels},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": nodes,
+            "parallelism": nodes,
+            # The operator, not the Job controller, decides about restarts: one failed rank
+            # fails the Job, and the whole gang is replaced by a new attempt.
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": labels, "annotations": pod_annotations},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def training_job(manifest: TrainingJob, attempt: int) -> dict[str, Any]:
+    """One Indexed Job per attempt: completions = parallelism = nodes, every pod one node rank."""
+    return _batch_job(
+        manifest,
+        attempt_job_name(manifest.metadata.name, attempt),
+        attempt,
+        ["lmforge", "run", f"{CONFIG_DIR}/{CONFIG_KEY}"],
+        manifest.spec.resources.nodes,
+    )
+
+
+def compression_job(manifest: CompressionJob, attempt: int) -> dict[str, Any]:
+    """A CompressionJob runs on one node: ``lmforge compress`` on the same manifest contract."""
+    return _batch_job(
+        manifest,
+        compression_job_name(manifest.metadata.name, attempt),
+        attempt,
+        ["lmforge", "compress", f"{CONFIG_DIR}/{CONFIG_KEY}"],
+        1,
+    )
+
+
+def attempt_job(manifest: Manifest, attempt: int) -> dict[str, Any]:
+    if isinstance(manifest, TrainingJob):
+        return training_job(manifest, attempt)
+    return compression_job(manifest, attempt)
+
+
+def attempt_job_name_for(manifest: Manifest, attempt: int) -> str:
+    if isinstance(manifest, TrainingJob):
+        return attempt_job_name(manifest.metadata.name, attempt)
+    return compression_job_name(manifest.metadata.name, attempt)
+
+
+def static_children(manifest: Manifest) -> list[dict[str, Any]]:
+    """What exists for the whole life of the job, independent of attempts."""
+    objs = [config_map(manifest)]
+    if isinstance(manifest, TrainingJob):
+        objs.append(headless_service(manifest))
+    group = pod_group(manifest)
+    if group is not None:
+        objs.append(group)
+    return objs

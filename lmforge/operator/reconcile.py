@@ -1,0 +1,320 @@
+"""The per-job state machine: observe the attempt Job and its pods, act, and rebuild the status.
+
+One call of :func:`reconcile` is one level-triggered step. It is safe to repeat and to run after
+an operator restart, because every decision is derived from the status it wrote before plus
+what exists in the cluster, and every child has a deterministic name:
+
+* the current attempt is ``status.attempts[-1]``; its Job is ``<job>-a<index>``;
+* a new attempt is recorded in the status only after its Job exists, so a crash in between
+  leaves a Job that the next step adopts (creation of an existing name returns it);
+* finished attempts are never touched again.
+
+Phases: Pending → Running → Succeeded | Failed, with Restarting (a new gang after a retryable
+failure), Stalled (no step progress for stallTimeoutSeconds), Suspended (suspend: true).
+CompressionJobs have only Pending/Running/Succeeded/Failed; the others map onto those.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from lmforge.api.manifest import CompressionJob, TrainingJob
+from lmforge.api.status import Attempt, CompressionJobStatus, TrainingJobStatus
+from lmforge.operator import children, classify, metrics, progress
+from lmforge.operator.kube import Kube
+from lmforge.operator.status import TERMINAL, now, set_condition, set_phase
+
+Manifest = TrainingJob | CompressionJob
+_COMPRESSION_PHASES = {"Restarting": "Pending", "Suspended": "Pending", "Stalled": "Running", "Preparing": "Pending"}
+
+
+@dataclass
+class JobMemory:
+    """What one job's supervisor remembers between steps (lost on operator restart, on purpose:
+    the stall clock then restarts, which errs on the side of not killing a healthy gang)."""
+
+    attempt: int | None = None
+    last_step: int | None = None
+    last_advance: float | None = None
+    """time.monotonic() of the last step change (status times are whole seconds: too coarse)."""
+    last_scrape: float | None = None
+
+
+@dataclass
+class Observed:
+    """Everything one step looks at."""
+
+    manifest: Manifest
+    body: dict[str, Any]
+    jobs: dict[str, dict[str, Any]]
+    pods: list[dict[str, Any]]
+    now: datetime.datetime = field(default_factory=now)
+
+
+@dataclass
+class Options:
+    """Operator-wide knobs a step needs (see :class:`lmforge.operator.main.OperatorConfig`)."""
+
+    progress_interval: float = 10.0
+    log_lines: int = 20
+    metrics_url: Callable[[dict[str, Any], int], str] | None = None
+    """Override of ``http://<pod IP>:<port>/metrics`` (tests); gets rank 0's pod and the port."""
+
+
+def load_status(manifest: Manifest, body: dict[str, Any]) -> TrainingJobStatus | CompressionJobStatus:
+    raw = body.get("status") or {}
+    model = TrainingJobStatus if isinstance(manifest, TrainingJob) else CompressionJobStatus
+    try:
+        return model.model_validate(raw)
+    except ValueError:  # someone wrote a status we cannot read: start over rather than crash-loop
+        return model()
+
+
+class Step:
+    """One reconciliation step of one job; :meth:`run` returns the status to write."""
+
+    def __init__(self, kube: Kube, observed: Observed, memory: JobMemory, options: Options) -> None:
+        self.kube = kube
+        self.obs = observed
+        self.m = observed.manifest
+        self.memory = memory
+        self.options = options
+        self.status = load_status(self.m, observed.body)
+        self.ns = self.m.metadata.namespace or "default"
+        self.name = self.m.metadata.name
+        self.training = isinstance(self.m, TrainingJob)
+        self.delete_owner = False
+
+    # helpers ---------------------------------------------------------------------------------
+    def phase(self, phase: str, reason: str, message: str) -> None:
+        if not self.training:
+            phase = _COMPRESSION_PHASES.get(phase, phase)
+        was = self.status.phase
+        set_phase(self.status, phase, reason, message, self.obs.now)
+        if was != phase:
+            if phase == "Succeeded":
+                metrics.JOBS_SUCCEEDED.inc()
+            elif phase == "Failed":
+                metrics.JOBS_FAILED.labels(reason=reason).inc()
+
+    def warn(self, reason: str, message: str) -> None:
+        try:
+            kopf.warn(self.obs.body, reason=reason, message=message)
+        except LookupError:  # outside Kopf (unit tests): no event queue
+            logging.getLogger(__name__).warning("%s: %s", reason, message)
+
+    def job_name(self, index: int) -> str:
+        return children.attempt_job_name_for(self.m, index)
+
+    def attempt_pods(self, index: int) -> list[dict[str, Any]]:
+        return [
+            p for p in self.obs.pods if (p["metadata"].get("labels") or {}).get(children.LABEL_ATTEMPT) == str(index)
+        ]
+
+    def stop_job(self, index: int) -> None:
+        self.kube.delete("batch/v1", "Job", self.ns, self.job_name(index))
+
+    # the step --------------------------------------------------------------------------------
+    def run(self) -> TrainingJobStatus | CompressionJobStatus:
+        st, rp, t = self.status, self.m.spec.run_policy, self.obs.now
+        st.observed_generation = self.obs.body.get("metadata", {}).get("generation")
+        if st.phase in TERMINAL:
+            self.expire()
+            return st
+        st.start_time = st.start_time or t
+        current = st.attempts[-1] if st.attempts else None
+        if current is not None and current.end_time is None and self.deadline_passed():
+            self.stop_job(current.index)
+            self.end_attempt(current, "DeadlineExceeded", retryable=False)
+        if self.deadline_passed():
+            limit = rp.active_deadline_seconds
+            self.phase("Failed", "DeadlineExceeded", f"ran longer than activeDeadlineSeconds ({limit}s)")
+            self.warn("DeadlineExceeded", st.message or "")
+            return st
+        if rp.suspend:
+            self.suspend(current)
+            return st
+        if current is None or current.end_time is not None:
+            self.start_attempt(current)
+            return st
+        self.supervise(current)
+        return st
+
+    def deadline_passed(self) -> bool:
+        limit = self.m.spec.run_policy.active_deadline_seconds
+        start = self.status.start_time
+        return bool(limit and start and (self.obs.now - start).total_seconds() >= limit)
+
+    def expire(self) -> None:
+        ttl = self.m.spec.run_policy.ttl_seconds_after_finished
+        done = self.status.completion_time
+        if ttl is not None and done is not None and (self.obs.now - done).total_seconds() >= ttl:
+            self.delete_owner = True
+
+    def suspend(self, current: Attempt | None) -> None:
+        if current is not None and current.end_time is None:
+            # Deleting the Job sends SIGTERM to every pod; the trainer checkpoints within the
+            # grace period and exits 143. The next attempt resumes from that checkpoint.
+            self.stop_job(current.index)
+            self.end_attempt(current, "Suspended", retryable=True)
+        self.phase(
+            "Suspended", "Suspended", "suspend: true; pods stopped after a checkpoint; set suspend: false to resume"
+        )
+
+    def start_attempt(self, previous: Attempt | None) -> None:
+        index = 0 if previous is None else previous.index + 1
+        job = children.attempt_job(self.m, index)
+        kopf.adopt(job, owner=self.obs.body)
+        self.kube.ensure(job, self.ns)
+        self.status.attempts.append(Attempt(index=index, start_time=self.obs.now))
+        self.memory.attempt, self.memory.last_step, self.memory.last_advance = index, None, None
+        if previous is None:
+            self.phase("Pending", "Created", f"attempt 0: Job {job['metadata']['name']} created, waiting for pods")
+        elif previous.reason == "Suspended":
+            self.phase("Restarting", "Resumed", f"resumed as attempt {index} from the newest checkpoint")
+        else:
+            self.phase(
+                "Restarting",
+                previous.reason or "Restarted",
+                f"attempt {index} replaces the gang after {previous.reason} (restart {self.status.restarts} of "
+                f"{self.m.spec.run_policy.backoff_limit}); resuming from the newest checkpoint",
+            )
+
+    def end_attempt(
+        self,
+        attempt: Attempt,
+        reason: str,
+        *,
+        retryable: bool,
+        exit_code: int | None = None,
+        pod: dict[str, Any] | None = None,
+    ) -> None:
+        attempt.end_time, attempt.reason = self.obs.now, reason
+        attempt.retryable, attempt.exit_code = retryable, exit_code
+        if pod is not None:
+            attempt.failed_pod = pod["metadata"]["name"]
+            attempt.failed_rank = classify.pod_rank(pod)
+            attempt.node = (pod.get("spec") or {}).get("nodeName")
+            if reason != "Completed":
+                attempt.log_tail = self.kube.pod_log_tail(self.ns, attempt.failed_pod, self.options.log_lines)
+
+    def supervise(self, current: Attempt) -> None:
+        job = self.obs.jobs.get(self.job_name(current.index))
+        if job is None:  # not in the watch cache yet, or never created (crash): ensure it exists
+            wanted = children.attempt_job(self.m, current.index)
+            kopf.adopt(wanted, owner=self.obs.body)
+            job, _ = self.kube.ensure(wanted, self.ns)
+        job_status = job.get("status") or {}
+        conditions = {c.get("type"): c for c in job_status.get("conditions") or [] if c.get("status") == "True"}
+        pods = self.attempt_pods(current.index)
+        nodes = job["spec"].get("completions") or 1
+
+        if "Complete" in conditions or (job_status.get("succeeded") or 0) >= nodes:
+            self.end_attempt(current, "Completed", retryable=False, exit_code=0)
+            self.scrape(pods, force=True)
+            self.phase("Succeeded", "Completed", f"all {nodes} node(s) finished (attempt {current.index})")
+            return
+        found = classify.first_failed_pod(pods)
+        if found is not None or "Failed" in conditions:
+            if found is not None:
+                pod, failure = found
+            else:
+                cond = conditions["Failed"]
+                pod, failure = None, classify.Failure(
+                    cond.get("reason") or "JobFailed", True, None, cond.get("message") or "the Job failed"
+                )
+            self.fail_attempt(current, failure, pod)
+            return
+
+        running = sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Running")
+        if running >= nodes or (job_status.get("ready") or 0) >= nodes:
+            if self.status.phase != "Running" and self.status.phase != "Stalled":
+                self.phase("Running", "Running", f"attempt {current.index}: {nodes} node(s) running")
+            if self.training:
+                self.watch_progress(current, pods)
+
+    def fail_attempt(self, current: Attempt, failure: classify.Failure, pod: dict[str, Any] | None) -> None:
+        rp = self.m.spec.run_policy
+        self.end_attempt(current, failure.reason, retryable=failure.retryable, exit_code=failure.exit_code, pod=pod)
+        self.stop_job(current.index)  # the peers of a failed rank would wait in collectives forever
+        where = f" (pod {current.failed_pod}, rank {current.failed_rank})" if current.failed_pod else ""
+        if not failure.retryable:
+            message = f"{failure.message}{where}; not retried"
+            self.phase("Failed", failure.reason, message)
+            self.warn(failure.reason, message)
+            return
+        if self.status.restarts >= rp.backoff_limit:
+            message = f"{failure.reason}: {failure.message}{where}; backoffLimit ({rp.backoff_limit}) restarts used"
+            self.phase("Failed", "BackoffLimitExceeded", message)
+            self.warn("BackoffLimitExceeded", message)
+            return
+        self.status.restarts += 1
+        metrics.RESTARTS.inc()
+        self.warn(failure.reason, f"attempt {current.index} failed: {failure.message}{where}; restarting the gang")
+        if failure.reason == "Stalled":
+            set_condition(self.status, "Stalled", True, "Stalled", failure.message, self.obs.now)
+            self.phase("Stalled", "Stalled", f"{failure.message}; restarting the gang")
+            return  # the next step starts the new attempt: Stalled stays visible for one step
+        self.start_attempt(current)
+
+    # progress and stalls -----------------------------------------------------------------------
+    def scrape(self, pods: list[dict[str, Any]], force: bool = False) -> dict[str, float] | None:
+        assert isinstance(self.m, TrainingJob | CompressionJob)
+        last, clock = self.memory.last_scrape, time.monotonic()
+        if not force and last is not None and clock - last < self.options.progress_interval:
+            return None
+        rank0 = next((p for p in pods if classify.pod_rank(p) == 0), None)
+        if rank0 is None:
+            return None
+        port = self.m.spec.metrics.port
+        if self.options.metrics_url is not None:
+            url = self.options.metrics_url(rank0, port)
+        else:
+            ip = (rank0.get("status") or {}).get("podIP")
+            if not ip:
+                return None
+            url = f"http://{ip}:{port}/metrics"
+        self.memory.last_scrape = clock
+        values = progress.scrape(url)
+        if values:
+            st = self.status
+            assert isinstance(st, TrainingJobStatus)
+            st.progress = progress.to_progress(values, self.obs.now)
+            if isinstance(self.m, TrainingJob):
+                uri = self.m.spec.checkpoint.uri or f"{self.m.spec.output.uri.rstrip('/')}/checkpoints"
+                st.last_checkpoint = progress.to_checkpoint(values, uri) or st.last_checkpoint
+        return values
+
+    def watch_progress(self, current: Attempt, pods: list[dict[str, Any]]) -> None:
+        mem, t, clock = self.memory, self.obs.now, time.monotonic()
+        if mem.attempt != current.index:
+            mem.attempt, mem.last_step, mem.last_advance = current.index, None, None
+        mem.last_advance = mem.last_advance or clock
+        values = self.scrape(pods)
+        if values and "step" in values and int(values["step"]) != mem.last_step:
+            mem.last_step, mem.last_advance = int(values["step"]), clock
+            if self.status.phase == "Stalled" or any(
+                c.type == "Stalled" and c.status == "True" for c in self.status.conditions
+            ):
+                set_condition(self.status, "Stalled", False, "Progressing", f"step {mem.last_step}", t)
+            if self.status.phase != "Running":
+                self.phase("Running", "Running", f"attempt {current.index} progressing")
+        timeout = self.m.spec.run_policy.stall_timeout_seconds
+        if timeout and clock - mem.last_advance >= timeout:
+            step = "no step reported" if mem.last_step is None else f"step {mem.last_step}"
+            failure = classify.Failure("Stalled", True, None, f"no step progress for {timeout}s ({step})")
+            self.fail_attempt(current, failure, None)
+
+
+def reconcile(kube: Kube, observed: Observed, memory: JobMemory, options: Options) -> tuple[dict[str, Any], bool]:
+    """Run one step: the full new status (as written to the API) and whether to delete the job (TTL)."""
+    step = Step(kube, observed, memory, options)
+    status = step.run()
+    return status.to_manifest(), step.delete_owner
