@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +32,9 @@ sys.path.insert(0, str(REPO))
 SHAPE = {"layers": 12, "width": 768, "heads": 12, "contextLength": 1024}
 VOCAB = 32768
 LOG_INTERVAL = 10
+# --smoke: a tiny shape on CPU in fp32, to check the script's code paths where no GPU is at hand.
+SMOKE_SHAPE = {"layers": 2, "width": 64, "heads": 4, "contextLength": 64}
+DEVICE = "cuda"
 
 
 def bare(steps: int, micro: int) -> tuple[float, float]:
@@ -39,27 +43,28 @@ def bare(steps: int, micro: int) -> tuple[float, float]:
     from lmforge.trainer.model import GPT, GPTConfig
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_spec(ModelShape.model_validate(SHAPE), VOCAB)).cuda()
-    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=6e-4, betas=(0.9, 0.95), fused=True)
+    model = GPT(GPTConfig.from_spec(ModelShape.model_validate(SHAPE), VOCAB)).to(DEVICE)
+    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=6e-4, betas=(0.9, 0.95), fused=DEVICE == "cuda")
     context = SHAPE["contextLength"]
-    data = torch.randint(0, VOCAB, (micro, context + 1), device="cuda")
+    data = torch.randint(0, VOCAB, (micro, context + 1), device=DEVICE)
     rates = []
-    torch.cuda.synchronize()
+    synchronize = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     for step in range(steps):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
             _, loss = model(data[:, :-1], data[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if (step + 1) % LOG_INTERVAL == 0:
-            torch.cuda.synchronize()
+            synchronize()
             now = time.perf_counter()
             rates.append(LOG_INTERVAL * micro * context / (now - start))
             start = now
     tps = statistics.median(rates[1:])
-    peak = peak_flops(torch.cuda.get_device_name()) or float("nan")
+    peak = (peak_flops(torch.cuda.get_device_name()) if DEVICE == "cuda" else None) or float("nan")
     return tps, tps * model.flops_per_token() / peak
 
 
@@ -107,12 +112,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--corpus", type=Path, default=REPO / "examples" / "data" / "python-docs.txt")
+    parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU: checks the code paths only")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/gpu_mfu.py needs an NVIDIA GPU")
+    global SHAPE, VOCAB, DEVICE
+    if args.smoke:
+        SHAPE, VOCAB, DEVICE = SMOKE_SHAPE, 512, "cpu"
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench/gpu_mfu.py needs an NVIDIA GPU (or --smoke to check it on CPU)")
     b_tps, b_mfu = bare(args.steps, args.micro_batch)
     o_tps, o_mfu = ours(args.steps, args.micro_batch, args.corpus)
-    print(f"device: {torch.cuda.get_device_name()}")
+    print(f"device: {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu (smoke run: no MFU)'}")
     print(f"bare nanoGPT-style loop: {b_tps:,.0f} tokens/s, MFU {b_mfu:.1%}")
     print(f"lmforge (DeepSpeed)    : {o_tps:,.0f} tokens/s, MFU {o_mfu:.1%}")
     print(f"ratio lmforge/bare     : {o_tps / b_tps:.3f}")
