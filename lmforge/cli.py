@@ -144,7 +144,9 @@ def prepare(manifest: Annotated[Path, typer.Argument(help="TrainingJob manifest;
         typer.echo(typer.style("error: ", fg="red", bold=True) + f"{type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(exitcodes.RETRYABLE) from None
     state = "reused" if prepared.reused else "prepared"
-    typer.echo(f"{state}: {prepared.prepared_uri} (train {prepared.train_tokens:,} / val {prepared.val_tokens:,} tokens)")
+    typer.echo(
+        f"{state}: {prepared.prepared_uri} (train {prepared.train_tokens:,} / val {prepared.val_tokens:,} tokens)"
+    )
 
 
 @app.command(name="lr-find")
@@ -190,14 +192,14 @@ def generate(
     s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint for s3:// models.")] = None,
 ) -> None:
     """Continue a prompt with greedy decoding, beam search or sampling (KV-cached)."""
-    from lmforge.trainer.export import load_model
+    from lmforge.compress.modelio import load_any
     from lmforge.trainer.generate import generate as run_generation
 
     directory = _model_dir(model, s3_endpoint)
     if not (directory / "lmforge_model.json").exists():
         typer.echo(f"error: {model} is not an exported lmforge model (no lmforge_model.json)", err=True)
         raise typer.Exit(exitcodes.PROBLEMS_FOUND)
-    net, tokenizer = load_model(directory)
+    net, tokenizer, _ = load_any(directory)
     ids = tokenizer.encode(prompt).ids
     eot = tokenizer.token_to_id("<|endoftext|>")
     if not ids:
@@ -254,17 +256,70 @@ def report(
 
 
 @app.command()
+def compress(
+    manifest: Annotated[Path, typer.Argument(help="CompressionJob manifest.")],
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch threads on CPU (default: torch's).")] = None,
+) -> None:
+    """Run a CompressionJob here: prune / distill / quantize, evaluate each step, apply the quality gate."""
+    from lmforge.compress.commands import compress_command
+
+    raise typer.Exit(compress_command(manifest, threads=threads, echo=typer.echo))
+
+
+@app.command(name="eval")
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Exported model (quantized too): directory, file:// or s3:// URI.")],
+    data: Annotated[
+        str | None, typer.Option(help="Prepared data (a run's OUTPUT/data); default MODEL/../data.")
+    ] = None,
+    batches: Annotated[int, typer.Option(min=1, help="Validation micro-batches (8 sequences each).")] = 20,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated latency batch sizes.")] = "1,8",
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="Also time torch.compile.")] = False,
+    profile: Annotated[
+        bool, typer.Option("--profile/--no-profile", help="torch.profiler time per module type.")
+    ] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the measurements as JSON.")] = None,
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint for s3:// models and data.")] = None,
+) -> None:
+    """Perplexity, parameters, size, prefill/decode speed at each batch size, and where the time goes."""
+    from lmforge.api.common import S3Settings
+    from lmforge.compress.commands import eval_command
+
+    try:
+        sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
+    except ValueError:
+        typer.echo(f"error: --batch-sizes {batch_sizes!r} is not a comma-separated list of integers", err=True)
+        raise typer.Exit(exitcodes.USAGE) from None
+    s3 = S3Settings(endpoint=s3_endpoint, addressing_style="path" if s3_endpoint else "auto")
+    code = eval_command(
+        _model_dir(model, s3_endpoint),
+        data=data,
+        batches=batches,
+        batch_sizes=sizes,
+        compile=compile,
+        profile=profile,
+        json_path=json_out,
+        s3=s3,
+        echo=typer.echo,
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
 def operator(
     namespace: Annotated[
         list[str] | None,
-        typer.Option("--namespace", "-n", help="Namespace to watch (repeatable); default LMFORGE_NAMESPACES, else all."),
+        typer.Option(
+            "--namespace", "-n", help="Namespace to watch (repeatable); default LMFORGE_NAMESPACES, else all."
+        ),
     ] = None,
     metrics_port: Annotated[int, typer.Option(help="Port of the operator's /metrics; 0 disables.")] = 9402,
     liveness: Annotated[
         str, typer.Option(help="Kopf liveness endpoint URL; empty disables.")
     ] = "http://0.0.0.0:8080/healthz",
     peering: Annotated[
-        bool, typer.Option("--peering/--standalone", help="Kopf peering for several replicas (needs the KopfPeering CRD).")
+        bool,
+        typer.Option("--peering/--standalone", help="Kopf peering for several replicas (needs the KopfPeering CRD)."),
     ] = False,
     poll_interval: Annotated[float, typer.Option(help="Seconds between supervision steps of a job.")] = 5.0,
     progress_interval: Annotated[float, typer.Option(help="Seconds between reads of rank 0's metrics.")] = 10.0,

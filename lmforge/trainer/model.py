@@ -38,11 +38,16 @@ class GPTConfig:
     tied_embeddings: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    head_size: int | None = None
+    """Per-head size; None means width // heads. Set when heads were pruned without changing width."""
 
     def __post_init__(self) -> None:
         # The spec validates these with friendlier hints; this guards configs built by hand or read from disk.
-        if self.width % self.heads or (self.width // self.heads) % 2:
-            raise ValueError(f"width ({self.width}) must split into heads ({self.heads}) of even size")
+        if self.head_size is None:
+            if self.width % self.heads or (self.width // self.heads) % 2:
+                raise ValueError(f"width ({self.width}) must split into heads ({self.heads}) of even size")
+        elif self.head_size < 2 or self.head_size % 2:
+            raise ValueError(f"head_size ({self.head_size}) must be even and >= 2")
         if self.heads % self.kv_heads:
             raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
         if self.sliding_window is not None and self.sliding_window < 1:
@@ -50,7 +55,7 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.width // self.heads
+        return self.head_size if self.head_size is not None else self.width // self.heads
 
     @classmethod
     def from_spec(cls, shape: ModelShape, vocab_size: int) -> GPTConfig:
@@ -185,7 +190,7 @@ class Attention(nn.Module):
             # Dense training passes no mask so GPUs can pick flash kernels.
             is_causal=mask is None and cache is None,
         )
-        return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(b, t, c.width)))
+        return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(b, t, c.heads * c.head_dim)))
 
 
 class MLP(nn.Module):
