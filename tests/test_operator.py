@@ -58,7 +58,9 @@ def phase_of(api: Api, name: str, kind: str = "trainingjobs") -> str | None:
 
 
 def wait_phase(api: Api, name: str, phase: str, timeout: float = 20, kind: str = "trainingjobs") -> dict[str, Any]:
-    wait_for(lambda: phase_of(api, name, kind) == phase, timeout, f"{name} phase {phase} (now {phase_of(api, name, kind)})")
+    wait_for(
+        lambda: phase_of(api, name, kind) == phase, timeout, f"{name} phase {phase} (now {phase_of(api, name, kind)})"
+    )
     return api.tj(NS, name, kind)
 
 
@@ -199,9 +201,7 @@ def test_fatal_exit_code_fails_at_once(api: Api, kubelet: Kubelet, operator: Ope
     assert api.job(NS, "fatal-a1") is None
 
 
-def test_operator_restart_mid_job_creates_no_duplicates(
-    cluster: ClusterThread, api: Api, kubelet: Kubelet
-) -> None:
+def test_operator_restart_mid_job_creates_no_duplicates(cluster: ClusterThread, api: Api, kubelet: Kubelet) -> None:
     config = cluster.configuration()
     with OperatorThread(config, namespaces=[NS], **FAST):
         api.create_tj(training_job("steady"))
@@ -254,9 +254,7 @@ def test_active_deadline_fails_with_deadline_exceeded(api: Api, kubelet: Kubelet
     assert wait_for(lambda: api.job(NS, "late-a0") is None, what="pods removed")
 
 
-def test_ttl_deletes_the_finished_job_and_its_children(
-    api: Api, kubelet: Kubelet, operator: OperatorThread
-) -> None:
+def test_ttl_deletes_the_finished_job_and_its_children(api: Api, kubelet: Kubelet, operator: OperatorThread) -> None:
     api.create_tj(training_job("brief", runPolicy={"ttlSecondsAfterFinished": 1}))
     job = wait_job(api, "brief-a0")
     wait_for(lambda: api.get(f"/api/v1/namespaces/{NS}/configmaps/brief-config"), what="ConfigMap")
@@ -274,7 +272,9 @@ def test_ttl_deletes_the_finished_job_and_its_children(
 def test_delete_cascades(api: Api, operator: OperatorThread) -> None:
     api.create_tj(training_job("gone", scheduling={"schedulerName": "volcano", "gang": True, "queue": "team-a"}))
     job = wait_job(api, "gone-a0")
-    group = wait_for(lambda: api.get(f"/apis/scheduling.volcano.sh/v1beta1/namespaces/{NS}/podgroups/gone"), what="PodGroup")
+    group = wait_for(
+        lambda: api.get(f"/apis/scheduling.volcano.sh/v1beta1/namespaces/{NS}/podgroups/gone"), what="PodGroup"
+    )
     assert group["spec"]["minMember"] == 2
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     template = job["spec"]["template"]
@@ -314,7 +314,9 @@ def test_progress_is_copied_from_the_trainer_metrics_endpoint(
         job = wait_job(api, "watched-a0")
         kubelet.start(job, pod_ip="127.0.0.1")
         wait_phase(api, "watched", "Running")
-        progress = wait_for(lambda: (api.tj(NS, "watched")["status"].get("progress") or {}).get("step"), what="progress")
+        progress = wait_for(
+            lambda: (api.tj(NS, "watched")["status"].get("progress") or {}).get("step"), what="progress"
+        )
         assert progress == 42
         status = api.tj(NS, "watched")["status"]
         assert status["progress"]["totalSteps"] == 100 and status["progress"]["loss"] == 2.5
@@ -383,9 +385,47 @@ def test_compression_job_runs_one_job(api: Api, kubelet: Kubelet, operator: Oper
     assert api.items(f"/api/v1/namespaces/{NS}/services") == []
 
 
+def test_compression_of_a_training_job_waits_for_its_model(
+    api: Api, kubelet: Kubelet, operator: OperatorThread
+) -> None:
+    manifest = {
+        "apiVersion": "lmforge.dev/v1alpha1",
+        "kind": "CompressionJob",
+        "metadata": {"name": "after", "namespace": NS},
+        "spec": {
+            "model": {"trainingJob": "base"},
+            "steps": [{"quantize": {"method": "int8-dynamic"}}],
+            "output": {"uri": "s3://runs/after"},
+        },
+    }
+    api.create_tj(manifest, kind="compressionjobs")
+    wait_phase(api, "after", "Pending", kind="compressionjobs")
+    cj = wait_for(
+        lambda: (
+            (c := api.tj(NS, "after", "compressionjobs"))
+            and conditions(c).get("Ready", {}).get("reason") == "WaitingForModel"
+            and c
+        ),
+        what="condition reason WaitingForModel",
+    )
+    assert cj["status"]["message"] == "TrainingJob base does not exist; waiting for it to succeed"
+    assert api.job(NS, "after-compress-a0") is None
+
+    api.create_tj(training_job("base"))
+    job = wait_job(api, "base-a0")
+    kubelet.start(job)
+    kubelet.succeed(api.job(NS, "base-a0"))
+    tj = wait_phase(api, "base", "Succeeded")
+    assert tj["status"]["outputs"]["modelUri"] == "s3://runs/base/model"
+    compress_job = wait_for(lambda: api.job(NS, "after-compress-a0"), what="compression Job after the model exists")
+    env = {e["name"]: e.get("value") for e in compress_job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LMFORGE_SOURCE_MODEL_URI"] == "s3://runs/base/model"
+
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed on this machine")
-def test_kubectl_creates_and_reads_a_training_job(cluster: ClusterThread, api: Api, kubelet: Kubelet,
-                                                  operator: OperatorThread, tmp_path: Any) -> None:
+def test_kubectl_creates_and_reads_a_training_job(
+    cluster: ClusterThread, api: Api, kubelet: Kubelet, operator: OperatorThread, tmp_path: Any
+) -> None:
     import yaml
 
     manifest = tmp_path / "tj.yaml"

@@ -248,21 +248,29 @@ def training_job(manifest: TrainingJob, attempt: int) -> dict[str, Any]:
     )
 
 
-def compression_job(manifest: CompressionJob, attempt: int) -> dict[str, Any]:
+SOURCE_MODEL_ENV = "LMFORGE_SOURCE_MODEL_URI"
+"""Where `lmforge compress` finds a ``model.trainingJob``'s exported model (resolved by the operator)."""
+
+
+def compression_job(manifest: CompressionJob, attempt: int, source_model_uri: str | None = None) -> dict[str, Any]:
     """A CompressionJob runs on one node: ``lmforge compress`` on the same manifest contract."""
-    return _batch_job(
+    job = _batch_job(
         manifest,
         compression_job_name(manifest.metadata.name, attempt),
         attempt,
         ["lmforge", "compress", f"{CONFIG_DIR}/{CONFIG_KEY}"],
         1,
     )
+    if source_model_uri is not None:
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        container["env"].append({"name": SOURCE_MODEL_ENV, "value": source_model_uri})
+    return job
 
 
-def attempt_job(manifest: Manifest, attempt: int) -> dict[str, Any]:
+def attempt_job(manifest: Manifest, attempt: int, source_model_uri: str | None = None) -> dict[str, Any]:
     if isinstance(manifest, TrainingJob):
         return training_job(manifest, attempt)
-    return compression_job(manifest, attempt)
+    return compression_job(manifest, attempt, source_model_uri)
 
 
 def attempt_job_name_for(manifest: Manifest, attempt: int) -> str:

@@ -71,13 +71,18 @@ def lmforge_jobs(namespace: str, name: str, labels: Any, spec: Any, status: Any,
 
 
 @kopf.index("v1", "pods", labels={children.LABEL_JOB: kopf.PRESENT})
-def lmforge_pods(namespace: str, name: str, labels: Any, annotations: Any, spec: Any, status: Any,
-                 **_: Any) -> dict[Any, Any]:
+def lmforge_pods(
+    namespace: str, name: str, labels: Any, annotations: Any, spec: Any, status: Any, **_: Any
+) -> dict[Any, Any]:
     """Pods by owning lmforge job: phases, exit codes, nodes and IPs for classification and progress."""
     return {
         _key(namespace, labels): {
-            "metadata": {"name": name, "namespace": namespace, "labels": dict(labels),
-                         "annotations": dict(annotations)},
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": dict(labels),
+                "annotations": dict(annotations),
+            },
             "spec": {"nodeName": spec.get("nodeName")},
             "status": copy.deepcopy(dict(status)),
         }
@@ -138,16 +143,18 @@ def ensure_static_children(kube: Kube, manifest: Manifest, owner: Any) -> None:
 @kopf.on.resume(API_GROUP, API_VERSION, "trainingjobs")
 @kopf.on.create(API_GROUP, API_VERSION, "trainingjobs")
 @kopf.on.update(API_GROUP, API_VERSION, "trainingjobs", field="spec")
-def admit_training(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, reason: str, logger: logging.Logger,
-                   **_: Any) -> None:
+def admit_training(
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, reason: str, logger: logging.Logger, **_: Any
+) -> None:
     admit(body, patch, memo, str(reason), logger)
 
 
 @kopf.on.resume(API_GROUP, API_VERSION, "compressionjobs")
 @kopf.on.create(API_GROUP, API_VERSION, "compressionjobs")
 @kopf.on.update(API_GROUP, API_VERSION, "compressionjobs", field="spec")
-def admit_compression(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, reason: str, logger: logging.Logger,
-                      **_: Any) -> None:
+def admit_compression(
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, reason: str, logger: logging.Logger, **_: Any
+) -> None:
     admit(body, patch, memo, str(reason), logger)
 
 
@@ -169,8 +176,9 @@ async def supervise(
     ns, name = body["metadata"].get("namespace"), body["metadata"]["name"]
     key = (ns, _KIND_LABELS[kind], name)
     config, kube = memo.config, memo.kube
-    options = Options(progress_interval=config.progress_interval, log_lines=config.log_lines,
-                      metrics_url=config.metrics_url)
+    options = Options(
+        progress_interval=config.progress_interval, log_lines=config.log_lines, metrics_url=config.metrics_url
+    )
     memory = JobMemory()
     latest: dict[str, Any] | None = None  # our own last write: the watch may not have shown it yet
     cached: tuple[str, Manifest | None] = ("", None)
@@ -217,15 +225,28 @@ async def supervise(
 
 
 @kopf.daemon(API_GROUP, API_VERSION, "trainingjobs", cancellation_timeout=30)
-async def supervise_training(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
-                             lmforge_jobs: kopf.Index, lmforge_pods: kopf.Index, **_: Any) -> None:
+async def supervise_training(
+    stopped: kopf.DaemonStopped,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    logger: logging.Logger,
+    lmforge_jobs: kopf.Index,
+    lmforge_pods: kopf.Index,
+    **_: Any,
+) -> None:
     await supervise(stopped, body, memo, logger, lmforge_jobs, lmforge_pods)
 
 
 @kopf.daemon(API_GROUP, API_VERSION, "compressionjobs", cancellation_timeout=30)
-async def supervise_compression(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo,
-                                logger: logging.Logger, lmforge_jobs: kopf.Index, lmforge_pods: kopf.Index,
-                                **_: Any) -> None:
+async def supervise_compression(
+    stopped: kopf.DaemonStopped,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    logger: logging.Logger,
+    lmforge_jobs: kopf.Index,
+    lmforge_pods: kopf.Index,
+    **_: Any,
+) -> None:
     await supervise(stopped, body, memo, logger, lmforge_jobs, lmforge_pods)
 
 

@@ -108,13 +108,13 @@ class Kube:
             return self.request("POST", path_for(api_version, kind, namespace), obj), True
         return existing, False
 
-    def patch(self, api_version: str, kind: str, namespace: str, name: str, patch: dict[str, Any],
-              sub: str | None = None) -> dict[str, Any]:
+    def patch(
+        self, api_version: str, kind: str, namespace: str, name: str, patch: dict[str, Any], sub: str | None = None
+    ) -> dict[str, Any]:
         path = path_for(api_version, kind, namespace, name, sub)
         return self.request("PATCH", path, patch, content_type="application/merge-patch+json")
 
-    def delete(self, api_version: str, kind: str, namespace: str, name: str,
-               grace_seconds: int | None = None) -> bool:
+    def delete(self, api_version: str, kind: str, namespace: str, name: str, grace_seconds: int | None = None) -> bool:
         """Delete with background propagation (pods go with their Job); False when already gone."""
         body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
         if grace_seconds is not None:

@@ -25,8 +25,9 @@ from typing import Any
 
 import kopf
 
+from lmforge import API_GROUP, API_VERSION
 from lmforge.api.manifest import CompressionJob, TrainingJob
-from lmforge.api.status import Attempt, CompressionJobStatus, TrainingJobStatus
+from lmforge.api.status import Attempt, CompressionJobStatus, Outputs, TrainingJobStatus
 from lmforge.operator import children, classify, metrics, progress
 from lmforge.operator.kube import Kube
 from lmforge.operator.status import TERMINAL, now, set_condition, set_phase
@@ -66,6 +67,14 @@ class Options:
     log_lines: int = 20
     metrics_url: Callable[[dict[str, Any], int], str] | None = None
     """Override of ``http://<pod IP>:<port>/metrics`` (tests); gets rank 0's pod and the port."""
+
+
+def outputs_of(manifest: Manifest) -> Outputs:
+    """Where a finished job's results are (the layout `lmforge run` and `lmforge compress` write)."""
+    base = manifest.spec.output.uri.rstrip("/")
+    if isinstance(manifest, TrainingJob):
+        return Outputs(model_uri=f"{base}/model", metrics_uri=f"{base}/metrics.jsonl", report_uri=base)
+    return Outputs(model_uri=f"{base}/model", report_uri=f"{base}/results.md")
 
 
 def load_status(manifest: Manifest, body: dict[str, Any]) -> TrainingJobStatus | CompressionJobStatus:
@@ -142,6 +151,8 @@ class Step:
             self.suspend(current)
             return st
         if current is None or current.end_time is not None:
+            if self.source_model_uri() is False:
+                return st  # waiting for the TrainingJob whose model this CompressionJob compresses
             self.start_attempt(current)
             return st
         self.supervise(current)
@@ -168,9 +179,29 @@ class Step:
             "Suspended", "Suspended", "suspend: true; pods stopped after a checkpoint; set suspend: false to resume"
         )
 
+    def source_model_uri(self) -> str | None | bool:
+        """For a CompressionJob of ``model.trainingJob``: that job's model URI once it has Succeeded.
+
+        None when nothing needs resolving; False (with phase Pending and a reason) while the
+        TrainingJob is missing or not finished yet.
+        """
+        if not isinstance(self.m, CompressionJob) or self.m.spec.model.training_job is None:
+            return None
+        name = self.m.spec.model.training_job
+        source = self.kube.get(f"{API_GROUP}/{API_VERSION}", "TrainingJob", self.ns, name)
+        phase = ((source or {}).get("status") or {}).get("phase")
+        if source is None or phase != "Succeeded":
+            what = "does not exist" if source is None else f"is {phase or 'Pending'}"
+            self.phase("Pending", "WaitingForModel", f"TrainingJob {name} {what}; waiting for it to succeed")
+            return False
+        outputs = (source.get("status") or {}).get("outputs") or {}
+        output_uri = ((source.get("spec") or {}).get("output") or {}).get("uri", "")
+        return outputs.get("modelUri") or f"{output_uri.rstrip('/')}/model"
+
     def start_attempt(self, previous: Attempt | None) -> None:
         index = 0 if previous is None else previous.index + 1
-        job = children.attempt_job(self.m, index)
+        source = self.source_model_uri()
+        job = children.attempt_job(self.m, index, source if isinstance(source, str) else None)
         kopf.adopt(job, owner=self.obs.body)
         self.kube.ensure(job, self.ns)
         self.status.attempts.append(Attempt(index=index, start_time=self.obs.now))
@@ -208,7 +239,8 @@ class Step:
     def supervise(self, current: Attempt) -> None:
         job = self.obs.jobs.get(self.job_name(current.index))
         if job is None:  # not in the watch cache yet, or never created (crash): ensure it exists
-            wanted = children.attempt_job(self.m, current.index)
+            source = self.source_model_uri()
+            wanted = children.attempt_job(self.m, current.index, source if isinstance(source, str) else None)
             kopf.adopt(wanted, owner=self.obs.body)
             job, _ = self.kube.ensure(wanted, self.ns)
         job_status = job.get("status") or {}
@@ -219,6 +251,7 @@ class Step:
         if "Complete" in conditions or (job_status.get("succeeded") or 0) >= nodes:
             self.end_attempt(current, "Completed", retryable=False, exit_code=0)
             self.scrape(pods, force=True)
+            self.status.outputs = outputs_of(self.m)
             self.phase("Succeeded", "Completed", f"all {nodes} node(s) finished (attempt {current.index})")
             return
         found = classify.first_failed_pod(pods)
@@ -227,8 +260,11 @@ class Step:
                 pod, failure = found
             else:
                 cond = conditions["Failed"]
-                pod, failure = None, classify.Failure(
-                    cond.get("reason") or "JobFailed", True, None, cond.get("message") or "the Job failed"
+                pod, failure = (
+                    None,
+                    classify.Failure(
+                        cond.get("reason") or "JobFailed", True, None, cond.get("message") or "the Job failed"
+                    ),
                 )
             self.fail_attempt(current, failure, pod)
             return
