@@ -1,0 +1,632 @@
+"""The Helm chart, rendered by the real Helm engine (helm-python-sdk), against the Kubernetes schemas.
+
+Every object of every values set is validated with kubernetes-validate (strict: unknown fields are
+errors). Prometheus Operator kinds (monitoring.coreos.com) have no schema there, so their shape is
+checked against the subset of the Prometheus Operator CRDs the chart uses. RBAC is compared with
+the API calls the real operator makes against the Kubernetes emulator.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "lmforge"
+RELEASE, NAMESPACE = "lmforge", "lmforge-system"
+KUBE_VERSION = "1.30.0"  # the chart's kubeVersion is >=1.27; kind ships 1.30+
+
+ALL_MONITORING = {
+    "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+    "podMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+    "prometheusRule": {
+        "enabled": True,
+        "additionalAlertLabels": {"team": "ml"},
+        "additionalRules": [{"alert": "Custom", "expr": "vector(0) > 1", "labels": {"severity": "info"}}],
+    },
+    "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "lmforge"}},
+}
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "everything-on": {**ALL_MONITORING, "operator": {"peering": {"enabled": True}}},
+    "namespaced-everything-on": {
+        **ALL_MONITORING,
+        "watchNamespaces": ["team-a", "team-b"],
+        "operator": {"peering": {"enabled": True}, "extraArgs": ["--poll-interval=10"]},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
+        "podAnnotations": {"example.com/a": "b"},
+        "commonLabels": {"team": "ml-platform"},
+        "image": {"digest": "sha256:" + "a" * 64},
+    },
+}
+MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+
+
+@pytest.fixture(scope="module")
+def chart() -> Any:
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart: Any, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every object the chart renders (NOTES.txt left out)."""
+    out = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    objects = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        objects += [doc for doc in yaml.safe_load_all(text) if doc]
+    return objects
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = by_kind(objects, kind)
+    assert len(found) == 1, f"{kind}: {len(found)} objects"
+    return found[0]
+
+
+# Chart metadata and lint ------------------------------------------------------------------------
+
+
+def test_chart_versions_follow_lmforge(chart: Any) -> None:
+    from lmforge import __version__
+    from lmforge.api.common import DEFAULT_TRAINER_IMAGE
+
+    assert chart.metadata["appVersion"] == __version__
+    notes = chart.render({}, name=RELEASE, namespace=NAMESPACE)["lmforge/templates/NOTES.txt"]
+    assert DEFAULT_TRAINER_IMAGE in notes, "NOTES.txt names the CRD's default trainer image"
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS.values()), ids=list(VALUE_SETS))
+def test_helm_lint_strict_is_clean(values: dict[str, Any]) -> None:
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+    assert report["errors"] == []
+    # Severity 1 is informational (Helm recommends an icon); 2 and 3 are warnings and errors.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_chart_crds_are_the_generated_ones(chart: Any) -> None:
+    from lmforge.api.crd import KIND_DEFINITIONS, render_crd
+
+    chart_crds = {Path(c["filename"]).name: c["data"] for c in chart.crds}
+    files = {k.file_name for k in KIND_DEFINITIONS}
+    assert set(chart_crds) == files
+    for definition in KIND_DEFINITIONS:
+        assert (CHART / "crds" / definition.file_name).read_bytes() == (REPO / "crds" / definition.file_name).read_bytes()
+        assert chart_crds[definition.file_name] == render_crd(definition), "run `lmforge crds`"
+
+
+def test_defaults_render_no_monitoring_objects(chart: Any) -> None:
+    kinds = sorted(o["kind"] for o in render(chart))
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+
+
+# Every object against the Kubernetes schemas ----------------------------------------------------
+
+# The subset of the Prometheus Operator CRDs (monitoring.coreos.com/v1) the chart writes; unknown
+# keys are errors, as with kubectl's strict field validation.
+_STR = {"type": "string"}
+_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_LABELS = {"type": "object", "additionalProperties": _STR}
+_RELABEL = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "sourceLabels": {"type": "array", "items": _STR},
+        "separator": _STR,
+        "targetLabel": _STR,
+        "regex": _STR,
+        "modulus": {"type": "integer"},
+        "replacement": _STR,
+        "action": _STR,
+    },
+}
+_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"matchLabels": _LABELS, "matchExpressions": {"type": "array", "items": {
+        "type": "object", "required": ["key", "operator"], "additionalProperties": False,
+        "properties": {"key": _STR, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                       "values": {"type": "array", "items": _STR}}}}},
+}
+_NS_SELECTOR = {"type": "object", "additionalProperties": False,
+                "properties": {"any": {"type": "boolean"}, "matchNames": {"type": "array", "items": _STR}}}
+_ENDPOINT = {
+    "type": "object",
+    "required": ["port"],
+    "additionalProperties": False,
+    "properties": {
+        "port": _STR, "path": _STR, "interval": _DURATION, "scrapeTimeout": _DURATION,
+        "honorLabels": {"type": "boolean"},
+        "relabelings": {"type": "array", "items": _RELABEL},
+        "metricRelabelings": {"type": "array", "items": _RELABEL},
+    },
+}
+_RULE = {
+    "type": "object",
+    "required": ["expr"],
+    "additionalProperties": False,
+    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+    "properties": {"alert": _STR, "record": _STR, "expr": _STR, "for": _DURATION,
+                   "labels": _LABELS, "annotations": _LABELS},
+}
+_META = {"type": "object", "required": ["name", "namespace", "labels"], "properties": {"labels": _LABELS}}
+
+
+def _cr(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+            "properties": {"apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": _STR, "metadata": _META,
+                           "spec": spec}}
+
+
+MONITORING_SCHEMAS = {
+    "ServiceMonitor": _cr({"type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
+                           "properties": {"selector": _SELECTOR, "namespaceSelector": _NS_SELECTOR,
+                                          "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}}}),
+    "PodMonitor": _cr({"type": "object", "required": ["selector", "podMetricsEndpoints"], "additionalProperties": False,
+                       "properties": {"selector": _SELECTOR, "namespaceSelector": _NS_SELECTOR,
+                                      "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}}}),
+    "PrometheusRule": _cr({"type": "object", "required": ["groups"], "additionalProperties": False, "properties": {
+        "groups": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["name", "rules"], "additionalProperties": False,
+            "properties": {"name": _STR, "interval": _DURATION,
+                           "rules": {"type": "array", "minItems": 1, "items": _RULE}}}}}}),
+}
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_every_rendered_object_is_valid(chart: Any, name: str) -> None:
+    objects = render(chart, VALUE_SETS[name])
+    assert objects
+    for obj in objects:
+        where = f"{obj['kind']} {obj['metadata'].get('name')}"
+        if obj["kind"] in MONITORING_KINDS:
+            # kubernetes-validate only knows the built-in kinds: check the Prometheus Operator
+            # objects against the subset of their CRD schemas written above instead.
+            errors = [e.message for e in jsonschema.Draft7Validator(MONITORING_SCHEMAS[obj["kind"]]).iter_errors(obj)]
+            assert errors == [], where
+        else:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == RELEASE, where
+        assert labels["app.kubernetes.io/managed-by"] == "Helm", where
+        assert labels["app.kubernetes.io/name"] == "lmforge", where
+        assert labels["helm.sh/chart"] == "lmforge-0.1.0", where
+        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert obj["metadata"]["namespace"], where
+
+
+def test_namespace_override_moves_every_namespaced_object(chart: Any) -> None:
+    objects = render(chart, {**ALL_MONITORING, "namespaceOverride": "ops"})
+    namespaces = {o["metadata"].get("namespace") for o in objects if o["kind"] not in ("ClusterRole", "ClusterRoleBinding")}
+    assert namespaces == {"ops"}
+    binding = one(objects, "ClusterRoleBinding")
+    assert binding["subjects"][0]["namespace"] == "ops"
+
+
+# The operator Deployment ------------------------------------------------------------------------
+
+
+def test_operator_deployment(chart: Any) -> None:
+    objects = render(chart)
+    deployment = one(objects, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert set(spec["selector"]["matchLabels"].items()) <= set(spec["template"]["metadata"]["labels"].items())
+    assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], "a writable /tmp on a read-only root"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    args = container["args"]
+    assert f"--liveness=http://0.0.0.0:{ports['health']}/healthz" in args
+    assert f"--metrics-port={ports['metrics']}" in args
+    assert "--standalone" in args and not any(a.startswith("--namespace") for a in args)
+    probe = container["livenessProbe"]["httpGet"]
+    assert probe == {"path": "/healthz", "port": "health"}
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_operator_command_line_is_accepted_by_lmforge_operator(chart: Any, name: str, monkeypatch: Any) -> None:
+    """The rendered args parse with the real `lmforge operator` command (its runner is stubbed)."""
+    from typer.testing import CliRunner
+
+    import lmforge.operator.main
+    from lmforge.cli import app
+
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(lmforge.operator.main, "run_operator", lambda *a, **k: calls.append((a, k)))
+    container = one(render(chart, VALUE_SETS[name]), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    result = CliRunner().invoke(app, ["operator", *container["args"]])
+    assert result.exit_code == 0, result.output
+    (args, kwargs), = calls
+    namespaces, metrics_port, liveness = args
+    assert namespaces == VALUE_SETS[name].get("watchNamespaces", [])
+    assert metrics_port == 9402 and liveness == "http://0.0.0.0:8080/healthz"
+    assert kwargs["peering"] is VALUE_SETS[name].get("operator", {}).get("peering", {}).get("enabled", False)
+
+
+def test_metrics_service_targets_the_operator_metrics_port(chart: Any) -> None:
+    objects = render(chart)
+    service = one(objects, "Service")
+    pod = one(objects, "Deployment")["spec"]["template"]
+    assert set(service["spec"]["selector"].items()) <= set(pod["metadata"]["labels"].items())
+    (port,) = service["spec"]["ports"]
+    assert port["name"] == "metrics" and port["targetPort"] == "metrics"
+
+
+# RBAC ------------------------------------------------------------------------------------------
+
+
+def rules_of(objects: list[dict[str, Any]], kind: str, namespace: str | None = None) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) granted by the roles of that kind (in that namespace)."""
+    granted = set()
+    for role in by_kind(objects, kind):
+        if namespace is not None and role["metadata"]["namespace"] != namespace:
+            continue
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        granted.add((group, resource, verb))
+    return granted
+
+
+def expand(spec: dict[tuple[str, str], str]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for (g, r), verbs in spec.items() for v in verbs.split()}
+
+
+# What the operator's code calls (lmforge/operator/kube.py, handlers.py, reconcile.py) plus Kopf's
+# own needs. tests: test_rbac_is_what_the_operator_uses_against_the_emulator checks it against
+# the requests the real operator makes.
+JOB_RULES = expand({
+    ("lmforge.dev", "trainingjobs"): "list watch patch delete",  # Kopf; delete = TTL
+    ("lmforge.dev", "compressionjobs"): "list watch patch delete",
+    ("lmforge.dev", "trainingjobs/status"): "patch",
+    ("lmforge.dev", "compressionjobs/status"): "patch",
+    ("", "configmaps"): "get create patch",  # Kube.ensure (GET after 409), patched on spec change
+    ("", "services"): "get create",
+    ("batch", "jobs"): "get list watch create delete",  # Kube.ensure, Kopf index, attempt replaced
+    ("", "pods"): "list watch",  # Kopf index
+    ("", "pods/log"): "get",  # Kube.pod_log_tail
+    ("", "events"): "create",  # kopf.warn
+    ("scheduling.volcano.sh", "podgroups"): "get create",  # Kube.ensure
+})
+KOPF_SCANNING = expand({("apiextensions.k8s.io", "customresourcedefinitions"): "list watch"})
+NAMESPACE_SCANNING = expand({("", "namespaces"): "list watch"})
+PEERING = {"get", "list", "watch", "patch"}
+
+
+def _no_wildcards(objects: list[dict[str, Any]]) -> None:
+    for role in by_kind(objects, "ClusterRole") + by_kind(objects, "Role"):
+        for rule in role["rules"]:
+            for key in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+                assert "*" not in rule.get(key, []), f"{role['kind']} {role['metadata']['name']}: {key} has *"
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_rbac_has_no_wildcards(chart: Any, name: str) -> None:
+    _no_wildcards(render(chart, VALUE_SETS[name]))
+
+
+def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(chart: Any) -> None:
+    objects = render(chart)
+    assert by_kind(objects, "Role") == []
+    assert rules_of(objects, "ClusterRole") == JOB_RULES | KOPF_SCANNING
+    peering = render(chart, {"operator": {"peering": {"enabled": True}}, "volcano": {"enabled": False},
+                             "rbac": {"kopfScanning": False}})
+    expected = {r for r in JOB_RULES if r[0] != "scheduling.volcano.sh"}
+    assert rules_of(peering, "ClusterRole") == expected | {("kopf.dev", "clusterkopfpeerings", v) for v in PEERING}
+
+
+def test_namespaced_rbac_grants_jobs_only_in_the_watched_namespaces(chart: Any) -> None:
+    objects = render(chart, {"watchNamespaces": ["team-a", "team-b"], "operator": {"peering": {"enabled": True}}})
+    for ns in ("team-a", "team-b"):
+        assert rules_of(objects, "Role", ns) == JOB_RULES | {("kopf.dev", "kopfpeerings", v) for v in PEERING}
+        (binding,) = [b for b in by_kind(objects, "RoleBinding") if b["metadata"]["namespace"] == ns]
+        assert binding["roleRef"]["name"] == by_kind(objects, "Role")[0]["metadata"]["name"]
+        assert binding["subjects"][0]["namespace"] == NAMESPACE
+    # Cluster-wide only what Kopf needs to notice CRDs and namespaces: no jobs, pods or config maps.
+    assert rules_of(objects, "ClusterRole") == KOPF_SCANNING | NAMESPACE_SCANNING
+    strict = render(chart, {"watchNamespaces": ["team-a"], "rbac": {"kopfScanning": False}})
+    assert by_kind(strict, "ClusterRole") == [] and by_kind(strict, "ClusterRoleBinding") == []
+
+
+def test_rbac_can_be_left_to_the_user(chart: Any) -> None:
+    objects = render(chart, {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "mine"}})
+    assert {o["kind"] for o in objects} == {"Deployment", "Service"}
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "mine"
+
+
+_OPERATOR_PATH = re.compile(
+    r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
+    r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<resource>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?$"
+)
+
+
+def _permission(method: str, path: str) -> set[tuple[str, str, str]] | None:
+    """The RBAC (group, resource, verb) a request needs; None for discovery (non-resource URLs)."""
+    match = _OPERATOR_PATH.match(path)
+    if match is None:
+        return None
+    parts = match.groupdict()
+    group = "" if parts["core"] else parts["group"]
+    resource = parts["resource"] + (f"/{parts['sub']}" if parts["sub"] else "")
+    method = method.upper().removeprefix("METHOD.")
+    if method == "GET":
+        verbs = {"get"} if parts["name"] else {"list", "watch"}  # Kopf lists, then watches
+    else:
+        verbs = {{"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]}
+    return {(group, resource, verb) for verb in verbs}
+
+
+@pytest.mark.timeout(120)
+def test_rbac_is_what_the_operator_uses_against_the_emulator(chart: Any) -> None:
+    """Run the real operator through a job's whole life and compare its requests with the Role.
+
+    Scenario: a gang-scheduled TrainingJob whose first attempt fails (log tail, attempt Job
+    deleted, new attempt), succeeds and is deleted by its TTL; a spec change (ConfigMap patch);
+    an invalid spec (Event); a CompressionJob to success and TTL.
+    """
+    sys.path.insert(0, str(REPO))
+    from tests.operator_helpers import TEST_AGENT, Api, ClusterThread, Kubelet, OperatorThread, training_job, wait_for
+
+    ns = "team-a"
+    with ClusterThread() as cluster:
+        api = Api(cluster.configuration())
+        kubelet = Kubelet(api)
+        api.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        with OperatorThread(cluster.configuration(), namespaces=[ns], poll_interval=0.05, progress_interval=0.05):
+            api.create_tj(training_job("rb", ns, scheduling={"schedulerName": "volcano", "gang": True},
+                                       runPolicy={"ttlSecondsAfterFinished": 1, "backoffLimit": 2}))
+            job = wait_for(lambda: api.job(ns, "rb-a0"), what="first attempt")
+            kubelet.start(job)
+            kubelet.terminate(api.job(ns, "rb-a0"), 0, 1)
+            job = wait_for(lambda: api.job(ns, "rb-a1"), what="second attempt")
+            kubelet.start(job)
+            kubelet.succeed(api.job(ns, "rb-a1"))
+            wait_for(lambda: api.tj(ns, "rb") is None, what="TTL deletion")
+
+            bad = training_job("bad", ns)
+            bad["spec"]["training"]["maxSteps"] = 0
+            api.create_tj(bad)
+            api.create_tj(training_job("change", ns))
+            wait_for(lambda: api.job(ns, "change-a0"), what="change-a0")
+            api.patch_tj(ns, "change", {"spec": {"training": {"maxSteps": 200}}})
+            wait_for(lambda: "maxSteps: 200" in api.get(f"/api/v1/namespaces/{ns}/configmaps/change-config")["data"]["job.yaml"],
+                     what="ConfigMap patched")
+
+            cj = {"apiVersion": "lmforge.dev/v1alpha1", "kind": "CompressionJob",
+                  "metadata": {"name": "shrink", "namespace": ns},
+                  "spec": {"model": {"uri": "s3://runs/base/model"}, "steps": [{"quantize": {"method": "int8-dynamic"}}],
+                           "output": {"uri": "s3://runs/shrink"}, "runPolicy": {"ttlSecondsAfterFinished": 1}}}
+            api.create_tj(cj, kind="compressionjobs")
+            job = wait_for(lambda: api.job(ns, "shrink-compress-a0"), what="compression Job")
+            kubelet.start(job)
+            kubelet.succeed(api.job(ns, "shrink-compress-a0"))
+            wait_for(lambda: api.tj(ns, "shrink", "compressionjobs") is None, what="CompressionJob TTL deletion")
+        served = cluster.call(lambda c: list(c.served))
+
+    used: set[tuple[str, str, str]] = set()
+    for method, path, agent in served:
+        if agent == TEST_AGENT or agent.startswith("kmock"):
+            continue
+        needed = _permission(str(method), path)
+        if needed is not None:
+            used |= needed
+
+    objects = render(chart, {"watchNamespaces": [ns]})
+    granted = rules_of(objects, "Role", ns) | rules_of(objects, "ClusterRole")
+    missing = used - granted
+    assert not missing, f"the operator made calls the chart does not allow: {sorted(missing)}"
+    # Granted but not seen here: GET after a 409 on create (operator restarted mid-job) for the
+    # Job and PodGroup, which this scenario does not provoke.
+    not_provoked = {("batch", "jobs", "get"), ("scheduling.volcano.sh", "podgroups", "get")}
+    unused = granted - used - not_provoked
+    assert not unused, f"the chart grants what the operator never used: {sorted(unused)}"
+
+
+# Monitoring objects -----------------------------------------------------------------------------
+
+
+def test_podmonitor_selects_the_pods_the_operator_creates(chart: Any) -> None:
+    from lmforge.api.loading import load_one
+    from lmforge.operator import children
+
+    manifest, problems = load_one(REPO / "examples" / "quickstart.yaml", kind="TrainingJob")
+    assert not problems
+    template = children.training_job(manifest, attempt=0)["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    for name, values in (("everything-on", VALUE_SETS["everything-on"]),
+                         ("namespaced", VALUE_SETS["namespaced-everything-on"])):
+        monitor = one(render(chart, values), "PodMonitor")["spec"]
+        selector = monitor["selector"]
+        assert set(selector["matchLabels"].items()) <= set(labels.items()), name
+        for expression in selector["matchExpressions"]:
+            assert expression["operator"] == "Exists" and expression["key"] in labels, name
+        (endpoint,) = monitor["podMetricsEndpoints"]
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert endpoint["port"] in ports and ports[endpoint["port"]] == manifest.spec.metrics.port
+        # The trainer's own job/namespace labels must win over Prometheus' target labels.
+        assert endpoint["honorLabels"] is True
+        attempt = endpoint["relabelings"][0]
+        sanitized = "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", children.LABEL_ATTEMPT)
+        assert attempt == {"sourceLabels": [sanitized], "targetLabel": "attempt"}
+        if name == "namespaced":
+            assert monitor["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+        else:
+            assert monitor["namespaceSelector"] == {"any": True}
+
+
+def test_servicemonitor_selects_the_metrics_service(chart: Any) -> None:
+    objects = render(chart, VALUE_SETS["everything-on"])
+    monitor = one(objects, "ServiceMonitor")
+    service = one(objects, "Service")
+    assert set(monitor["spec"]["selector"]["matchLabels"].items()) <= set(service["metadata"]["labels"].items())
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [service["metadata"]["namespace"]]}
+    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_servicemonitor_without_service_fails_clearly(chart: Any) -> None:
+    with pytest.raises(helm.HelmError, match="serviceMonitor.enabled needs metrics.service.enabled"):
+        render(chart, {"serviceMonitor": {"enabled": True}, "metrics": {"service": {"enabled": False}}})
+
+
+ALERTS = {"LmforgeJobFailed", "LmforgeJobStalled", "LmforgeRestartsClimbing",
+          "LmforgeTokensPerSecondCollapsed", "LmforgeCheckpointTooOld"}
+
+
+def test_prometheusrule_has_the_alerts(chart: Any) -> None:
+    rule = one(render(chart, VALUE_SETS["everything-on"]), "PrometheusRule")
+    groups = rule["spec"]["groups"]
+    alerts = {r["alert"]: r for g in groups for r in g["rules"]}
+    assert set(alerts) == ALERTS | {"Custom"}
+    for name in ALERTS:
+        assert alerts[name]["labels"] == {"severity": "warning", "team": "ml"}
+        assert alerts[name]["annotations"]["summary"] and alerts[name]["annotations"]["description"]
+    assert "lmforge_checkpoint_last_timestamp_seconds" in alerts["LmforgeCheckpointTooOld"]["expr"]
+    only = one(render(chart, {"prometheusRule": {"enabled": True, "alerts": {
+        "jobFailed": {"enabled": False}, "restartsClimbing": {"threshold": 7, "window": "2h"}}}}), "PrometheusRule")
+    alerts = {r["alert"]: r for g in only["spec"]["groups"] for r in g["rules"]}
+    assert "LmforgeJobFailed" not in alerts
+    assert alerts["LmforgeRestartsClimbing"]["expr"].strip() == "sum(increase(lmforge_operator_restarts_total[2h])) > 7"
+
+
+def dashboard(chart: Any, values: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    config_map = one(render(chart, values or VALUE_SETS["everything-on"]), "ConfigMap")
+    return config_map, json.loads(config_map["data"]["lmforge.json"])
+
+
+def test_grafana_dashboard_configmap(chart: Any) -> None:
+    config_map, board = dashboard(chart)
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "lmforge"}
+    assert board == json.loads((CHART / "dashboards" / "lmforge.json").read_text())
+    assert board["uid"] == "lmforge-training" and board["title"]
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert set(variables) == {"datasource", "namespace", "job"}
+    assert variables["job"]["query"]["query"] == 'label_values(lmforge_train_step{namespace=~"$namespace"}, job)'
+    panels = [p for p in board["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
+    titles = {p["title"] for p in panels}
+    for wanted in ("Jobs by phase", "Progress", "Loss", "Learning rate", "Tokens/s per rank", "MFU", "Data wait",
+                   "Checkpoint age", "Checkpoint duration", "Gang restarts", "Attempts", "Reconcile latency"):
+        assert wanted in titles, wanted
+    for panel in panels:
+        assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        for target in panel["targets"]:
+            if "lmforge_operator" not in target["expr"] and "$job" not in target["expr"]:
+                pytest.fail(f"{panel['title']}: a trainer query that ignores the job variable")
+    # Custom sidecar labels replace the default one.
+    config_map, _ = dashboard(chart, {"grafanaDashboard": {"enabled": True, "labels": {"dashboards": "lmforge"}}})
+    assert config_map["metadata"]["labels"]["dashboards"] == "lmforge"
+
+
+# values.schema.json -----------------------------------------------------------------------------
+
+BAD_VALUES = [
+    ({"replicaCount": 2}, "additional properties 'replicaCount' not allowed"),
+    ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'"),
+    ({"image": {"digest": "latest"}}, "/image/digest"),
+    ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0': 'Team_A' does not match pattern"),
+    ({"watchNamespaces": "team-a"}, "/watchNamespaces': got string, want array"),
+    ({"metrics": {"port": 70000}}, "/metrics/port': maximum: got 70,000, want 65,535"),
+    ({"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled': got string, want boolean"),
+    ({"serviceMonitor": {"interval": "30 seconds"}}, "/serviceMonitor/interval'"),
+    ({"prometheusRule": {"alerts": {"jobStalled": {"window": "half an hour"}}}}, "/prometheusRule/alerts/jobStalled/window'"),
+    ({"prometheusRule": {"alerts": {"tokensPerSecondCollapsed": {"ratio": 1.5}}}},
+     "/prometheusRule/alerts/tokensPerSecondCollapsed/ratio': exclusiveMaximum"),
+    ({"prometheusRule": {"alerts": {"jobFailed": {"severity": "page-me"}}}}, "/prometheusRule/alerts/jobFailed/severity'"),
+    ({"operator": {"peering": {"enabeld": True}}}, "additional properties 'enabeld' not allowed"),
+    ({"grafanaDashboard": {"labels": {"grafana_dashboard": 1}}}, "/grafanaDashboard/labels/grafana_dashboard': got number, want string"),
+]
+
+
+@pytest.mark.parametrize("values,message", BAD_VALUES, ids=[json.dumps(v) for v, _ in BAD_VALUES])
+def test_schema_rejects_bad_values_with_a_clear_message(chart: Any, values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as caught:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    assert message in str(caught.value)
+
+
+def test_every_value_is_documented() -> None:
+    """Every key in values.yaml has a comment line right above it, and one in the schema."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        for key, sub in node.get("properties", {}).items():
+            assert sub.get("description") or sub.get("properties"), f"schema: {path}{key} has no description"
+            walk(sub, f"{path}{key}.")
+
+    walk(schema, "")
+    # Kubernetes objects passed through verbatim (resources, security contexts, sidecar labels) are
+    # documented as a whole on their parent key.
+    passthrough = {"resources", "podSecurityContext", "securityContext", "labels"}
+    parents: list[tuple[int, str]] = []
+    for number, line in enumerate(lines):
+        match = re.match(r"^(\s*)([A-Za-z][\w]*):", line)
+        if not match:
+            continue
+        indent = len(match[1])
+        parents = [(i, k) for i, k in parents if i < indent]
+        inside_passthrough = any(k in passthrough for _, k in parents)
+        parents.append((indent, match[2]))
+        if inside_passthrough or (number > 0 and lines[number - 1].strip().startswith("#")):
+            continue
+        # A block heading (its children are documented) is fine; a leaf must have its comment.
+        following = lines[number + 1] if number + 1 < len(lines) else ""
+        is_block = line.rstrip().endswith(":") and len(following) - len(following.lstrip()) > indent
+        assert is_block, f"values.yaml:{number + 1}: `{match[2]}` has no comment"
+
+
+# Images (built by hack/kind-e2e.sh where Docker exists; only their contract is checked here) ------
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+            for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_operator_image_contract() -> None:
+    steps = _instructions(REPO / "operator" / "Dockerfile")
+    runs = " ".join(arg for op, arg in steps if op == "RUN")
+    assert '".[operator]"' in runs and "trainer" not in runs and "torch==" not in runs
+    assert ("USER", "1000:1000") in steps
+    assert steps[-1] == ("ENTRYPOINT", '["lmforge", "operator"]')
+
+
+def test_trainer_image_contract() -> None:
+    from lmforge.operator import children
+
+    steps = _instructions(REPO / "trainer" / "Dockerfile")
+    assert ("ARG", "VARIANT=cuda") in steps and ("FROM", "base-${VARIANT}") in steps
+    assert any(op == "ARG" and arg.startswith("CUDA_IMAGE=nvidia/cuda:") for op, arg in steps)
+    assert ("ARG", "CPU_IMAGE=python:3.11-slim") in steps and ("ARG", "TORCH_VERSION=2.13.0") in steps
+    runs = " ".join(arg for op, arg in steps if op == "RUN")
+    assert '"/src[trainer]"' in runs
+    assert ("USER", f"{children.RUN_AS_USER}:{children.RUN_AS_USER}") in steps
+    assert ("ENTRYPOINT", '["lmforge"]') in steps
