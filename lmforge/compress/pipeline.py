@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from lmforge.api.status import CompressionResult
 from lmforge.compress import data as cdata
 from lmforge.compress.evaluate import Evaluation, evaluate_model
 from lmforge.compress.modelio import load_any, save_float, save_quantized, weights_bytes
+from lmforge.data.staging import fetch, local_dir, publish
 from lmforge.data.storage import join_uri, storage_for
 
 QUALITY_GATE_EXIT = exitcodes.QUALITY_GATE
@@ -99,40 +99,14 @@ class QualityGateFailed(Exception):
 
 def _local_dir(uri: str) -> Path:
     """A local directory for an output URI: the path itself for file://, a staging dir for s3://."""
-    from lmforge.data.storage import local_path
-
-    if uri.startswith("file://"):
-        path = local_path(uri)
-    else:
-        import hashlib
-
-        path = Path(tempfile.gettempdir()) / "lmforge-compress" / hashlib.sha256(uri.encode()).hexdigest()[:12]
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return local_dir(uri, "compress")
 
 
 def _fetch_model(uri: str, s3: Any) -> Path:
-    from lmforge.data.storage import local_path
-
-    if uri.startswith("file://"):
-        path = local_path(uri)
-        if not (path / "lmforge_model.json").exists():
-            raise CompressionSpecError(f"model.uri {uri} is not an exported lmforge model (no lmforge_model.json)")
-        return path
-    import hashlib
-
     storage = storage_for(uri, s3)
-    target = Path(tempfile.gettempdir()) / "lmforge-models" / hashlib.sha256(uri.encode()).hexdigest()[:12]
-    prefix = uri.rstrip("/") + "/"
-    items = storage.list(uri)
-    if not any(item.endswith("/lmforge_model.json") for item in items):
+    if not storage.exists(join_uri(uri, "lmforge_model.json")):
         raise CompressionSpecError(f"model.uri {uri} is not an exported lmforge model (no lmforge_model.json)")
-    for item in items:
-        path = target / item[len(prefix) :]
-        if not path.exists() or path.stat().st_size != storage.size(item):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            storage.download_file(item, path)
-    return target
+    return fetch(storage, uri, "models")
 
 
 def source_model_uri(spec: Any) -> str:
@@ -445,13 +419,7 @@ def _finish(
     (out_dir / "results.md").write_text(markdown)
     bar_chart(results, out_dir / "results.png")
     names = ["results.json", "results.md", "results.png", "model", "steps"]
-    if not output.startswith("file://"):
-        storage = storage_for(output, spec.s3)
-        for name in names:
-            path = out_dir / name
-            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-            for file in files:
-                storage.upload_file(file, join_uri(output, file.relative_to(out_dir).as_posix()))
+    publish(storage_for(output, spec.s3), out_dir, output, names)
     log(table)
     log(("quality gate passed: " if passed else "") + message)
     outcome = CompressionOutcome(

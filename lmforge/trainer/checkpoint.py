@@ -16,12 +16,10 @@ the pointer having been written. Old tags beyond ``keep`` are deleted only after
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.data.storage import Storage, join_uri, local_path
+from lmforge.data.staging import fetch, local_dir, publish
+from lmforge.data.storage import Storage, join_uri
 
 COMMIT = "COMMIT"
 LATEST = "latest"
@@ -63,10 +62,7 @@ class CheckpointLocation:
     @property
     def staging(self) -> Path:
         """Local directory: the checkpoint directory itself for file://, a cache for s3://."""
-        if self.is_local:
-            return local_path(self.uri)
-        digest = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
-        return Path(tempfile.gettempdir()) / "lmforge-checkpoints" / digest
+        return local_dir(self.uri, "checkpoints")
 
     def tags(self) -> dict[str, bool]:
         """Every tag found, mapped to whether it is committed."""
@@ -93,23 +89,12 @@ class CheckpointLocation:
 
     def upload(self, tag: str) -> None:
         """Copy this node's staged files of ``tag`` to object storage (no-op for file://)."""
-        if self.is_local:
-            return
-        root = self.staging / tag
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            self.storage.upload_file(path, join_uri(self.uri, tag, path.relative_to(root).as_posix()))
+        publish(self.storage, self.staging, self.uri, [tag])
 
     def download(self, tag: str) -> None:
         """Fetch ``tag`` into the staging directory (no-op for file://)."""
-        if self.is_local:
-            return
-        prefix = join_uri(self.uri, tag) + "/"
-        for uri in self.storage.list(join_uri(self.uri, tag)):
-            target = self.staging / tag / uri[len(prefix) :]
-            if target.exists() and target.stat().st_size == self.storage.size(uri):
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.storage.download_file(uri, target)
+        if not self.is_local:
+            fetch(self.storage, join_uri(self.uri, tag), "checkpoints", target=self.staging / tag)
 
     def prune(self, keep: int) -> list[str]:
         """Delete all but the newest ``keep`` committed tags, and uncommitted tags older than them."""

@@ -469,18 +469,10 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
 
 
 def _output_dir(uri: str) -> Path:
-    """Local directory the run writes its outputs to before they are uploaded (if s3://)."""
-    from lmforge.data.storage import local_path
+    """Local directory the run writes its outputs to before they are published (if s3://)."""
+    from lmforge.data.staging import local_dir
 
-    if uri.startswith("file://"):
-        path = local_path(uri)
-    else:
-        import hashlib
-        import tempfile
-
-        path = Path(tempfile.gettempdir()) / "lmforge-output" / hashlib.sha256(uri.encode()).hexdigest()[:12]
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return local_dir(uri, "output")
 
 
 def _fetch_existing(storage: Any, uri: str, target: Path) -> None:
@@ -489,16 +481,9 @@ def _fetch_existing(storage: Any, uri: str, target: Path) -> None:
 
 
 def _publish(storage: Any, output_dir: Path, output_uri: str, names: list[str]) -> None:
-    """Upload the named files (or directories) under the output dir to an s3:// output."""
-    from lmforge.data.storage import join_uri
+    from lmforge.data.staging import publish
 
-    if output_uri.startswith("file://"):
-        return
-    for name in names:
-        path = output_dir / name
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        for file in files:
-            storage.upload_file(file, join_uri(output_uri, file.relative_to(output_dir).as_posix()))
+    publish(storage, output_dir, output_uri, names)
 
 
 def _export(
@@ -553,22 +538,10 @@ def _load_initial_weights(model: torch.nn.Module, uri: str, spec: Any) -> None:
 
 def _materialize(uri: str, spec: Any) -> Path:
     """A local directory holding the files under ``uri`` (downloaded once for s3://)."""
-    import hashlib
-    import tempfile
+    from lmforge.data.staging import fetch
+    from lmforge.data.storage import storage_for
 
-    from lmforge.data.storage import local_path, storage_for
-
-    if uri.startswith("file://"):
-        return local_path(uri)
-    storage = storage_for(uri, spec.s3)
-    target = Path(tempfile.gettempdir()) / "lmforge-models" / hashlib.sha256(uri.encode()).hexdigest()[:12]
-    prefix = uri.rstrip("/") + "/"
-    for item in storage.list(uri):
-        path = target / item[len(prefix) :]
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            storage.download_file(item, path)
-    return target
+    return fetch(storage_for(uri, spec.s3), uri, "models")
 
 
 def exit_code_for(exc: BaseException) -> int:
