@@ -201,6 +201,116 @@ def test_fatal_exit_code_fails_at_once(api: Api, kubelet: Kubelet, operator: Ope
     assert api.job(NS, "fatal-a1") is None
 
 
+def test_prepare_job_runs_before_attempt_0(api: Api, kubelet: Kubelet, operator: OperatorThread) -> None:
+    api.create_tj(training_job("prep", data={"prepare": {}}))
+    prep = wait_job(api, "prep-prepare")
+    tj = wait_phase(api, "prep", "Preparing")
+    assert conditions(tj)["DataPrepared"]["status"] == "Unknown"
+    assert conditions(tj)["Ready"]["status"] == "False"
+
+    # One CPU pod running `lmforge prepare` on the same config and credentials, owned by the job.
+    assert prep["metadata"]["ownerReferences"][0]["uid"] == tj["metadata"]["uid"]
+    spec = prep["spec"]
+    assert spec["completions"] == spec["parallelism"] == 1 and spec["backoffLimit"] == 0
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["lmforge", "prepare", "/etc/lmforge/job.yaml"]
+    assert container["resources"]["limits"] == {"cpu": "2", "memory": "4Gi"}
+    assert "nvidia.com/gpu" not in container["resources"]["requests"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-creds",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
+    assert "MASTER_ADDR" not in env and "NODE_RANK" not in env
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["volumes"] == [{"name": "config", "configMap": {"name": "prep-config"}}]
+    time.sleep(0.3)  # several supervision steps: no gang while the data is being prepared
+    assert api.job(NS, "prep-a0") is None
+
+    kubelet.start(prep)
+    kubelet.succeed(api.job(NS, "prep-prepare"))
+    job = wait_job(api, "prep-a0")
+    tj = wait_phase(api, "prep", "Pending")
+    assert conditions(tj)["DataPrepared"]["status"] == "True"
+    trainer = job["spec"]["template"]["spec"]["containers"][0]
+    assert trainer["command"][:2] == ["lmforge", "run"] and trainer["image"] == container["image"]
+    kubelet.start(job)
+    wait_phase(api, "prep", "Running")
+    kubelet.succeed(api.job(NS, "prep-a0"))
+    tj = wait_phase(api, "prep", "Succeeded")
+    assert tj["status"]["restarts"] == 0 and len(tj["status"]["attempts"]) == 1
+    assert sorted(j["metadata"]["name"] for j in api.jobs(NS)) == ["prep-a0", "prep-prepare"]
+
+
+def test_prepare_invalid_data_fails_without_an_attempt(
+    cluster: ClusterThread, api: Api, kubelet: Kubelet, operator: OperatorThread
+) -> None:
+    api.create_tj(training_job("baddata", data={"prepare": {}}))
+    prep = wait_job(api, "baddata-prepare")
+    kubelet.start(prep)
+    cluster.set_log(NS, "baddata-prepare-0-x0", "error: no documents left after filtering\n")
+    kubelet.terminate(prep, 0, 78)
+    tj = wait_phase(api, "baddata", "Failed")
+    assert conditions(tj)["Failed"]["reason"] == "InvalidData"
+    cond = conditions(tj)["DataPrepared"]
+    assert cond["status"] == "False" and cond["reason"] == "InvalidData"
+    assert "no documents left" in cond["message"]
+    assert tj["status"]["restarts"] == 0 and tj["status"].get("attempts", []) == []
+    time.sleep(0.3)
+    assert [j["metadata"]["name"] for j in api.jobs(NS)] == ["baddata-prepare"]
+
+
+def test_prepare_retries_then_runs(api: Api, kubelet: Kubelet, operator: OperatorThread) -> None:
+    api.create_tj(training_job("storm", data={"prepare": {}}))
+    prep = wait_job(api, "storm-prepare")
+    kubelet.start(prep)
+    kubelet.terminate(prep, 0, 75)
+    retry = wait_job(api, "storm-prepare-r1")
+    tj = wait_phase(api, "storm", "Preparing")
+    assert tj["status"]["restarts"] == 1
+    kubelet.start(retry)
+    kubelet.succeed(api.job(NS, "storm-prepare-r1"))
+    wait_job(api, "storm-a0")
+    tj = wait_phase(api, "storm", "Pending")
+    assert conditions(tj)["DataPrepared"]["status"] == "True"
+
+
+def test_prepare_backoff_limit_exhausted_fails(api: Api, kubelet: Kubelet, operator: OperatorThread) -> None:
+    api.create_tj(training_job("outage", data={"prepare": {}}, runPolicy={"backoffLimit": 1}))
+    for name in ("outage-prepare", "outage-prepare-r1"):
+        prep = wait_job(api, name)
+        kubelet.start(prep)
+        kubelet.terminate(prep, 0, 75)
+    tj = wait_phase(api, "outage", "Failed")
+    assert conditions(tj)["Failed"]["reason"] == "PrepareFailed"
+    assert tj["status"]["restarts"] == 1
+    time.sleep(0.3)
+    assert sorted(j["metadata"]["name"] for j in api.jobs(NS)) == ["outage-prepare", "outage-prepare-r1"]
+
+
+def test_operator_restart_while_preparing_creates_no_duplicates(
+    cluster: ClusterThread, api: Api, kubelet: Kubelet
+) -> None:
+    config = cluster.configuration()
+    with OperatorThread(config, namespaces=[NS], **FAST):
+        api.create_tj(training_job("patient", data={"prepare": {}}))
+        prep = wait_job(api, "patient-prepare")
+        kubelet.start(prep)
+        wait_phase(api, "patient", "Preparing")
+    with OperatorThread(config, namespaces=[NS], **FAST):
+        time.sleep(0.5)
+        assert [j["metadata"]["name"] for j in api.jobs(NS)] == ["patient-prepare"]
+        assert phase_of(api, "patient") == "Preparing"
+        kubelet.succeed(api.job(NS, "patient-prepare"))
+        wait_job(api, "patient-a0")
+        wait_phase(api, "patient", "Pending")
+        time.sleep(0.3)
+        assert sorted(j["metadata"]["name"] for j in api.jobs(NS)) == ["patient-a0", "patient-prepare"]
+
+
 def test_operator_restart_mid_job_creates_no_duplicates(cluster: ClusterThread, api: Api, kubelet: Kubelet) -> None:
     config = cluster.configuration()
     with OperatorThread(config, namespaces=[NS], **FAST):

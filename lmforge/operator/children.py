@@ -4,7 +4,8 @@ Nothing here talks to the API: every function maps a validated manifest (and an 
 to a plain dict, so the shapes are unit-testable and the reconciler stays small. Ownership
 (``kopf.adopt``) is applied by the caller, which has the owner's body.
 
-Names are deterministic (``<job>-config``, ``<job>-nodes``, ``<job>-a<attempt>``): that is what
+Names are deterministic (``<job>-config``, ``<job>-nodes``, ``<job>-a<attempt>``,
+``<job>-prepare[-r<try>]``): that is what
 makes every handler idempotent — a restarted operator finds the children by name instead of
 creating duplicates.
 """
@@ -24,6 +25,8 @@ LABEL_KIND = "lmforge.dev/kind"
 """``training`` or ``compression``: the two kinds may share names in a namespace."""
 LABEL_ATTEMPT = "lmforge.dev/attempt"
 """Attempt number of a Job and its pods."""
+LABEL_PREPARE = "lmforge.dev/prepare"
+"""Try number of a data-prepare Job and its pod (never set together with ``lmforge.dev/attempt``)."""
 INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
@@ -54,6 +57,12 @@ def service_name(job: str) -> str:
 
 def attempt_job_name(job: str, attempt: int) -> str:
     return f"{job}-a{attempt}"
+
+
+def prepare_job_name(job: str, try_: int) -> str:
+    """``<job>-prepare`` for the first try, ``<job>-prepare-r<try>`` for retries (new names, so a
+    retry never collides with a failed Job that is still being deleted)."""
+    return f"{job}-prepare" if try_ == 0 else f"{job}-prepare-r{try_}"
 
 
 def compression_job_name(job: str, attempt: int) -> str:
@@ -246,6 +255,44 @@ def training_job(manifest: TrainingJob, attempt: int) -> dict[str, Any]:
         ["lmforge", "run", f"{CONFIG_DIR}/{CONFIG_KEY}"],
         manifest.spec.resources.nodes,
     )
+
+
+def prepare_job(manifest: TrainingJob, try_: int) -> dict[str, Any]:
+    """The one-pod CPU Job that runs ``lmforge prepare`` before attempt 0 (``spec.data.prepare`` set).
+
+    It reads the same ConfigMap as the attempts, gets the same S3 credentials, image, CPU and memory
+    and the same restricted security context, but no GPUs, no rendezvous ports, no /dev/shm and no
+    gang scheduling (a one-pod Job must not wait for a PodGroup of ``nodes`` members). Kueue's queue
+    label is kept so the Job is admitted under the same quota.
+    """
+    name = prepare_job_name(manifest.metadata.name, try_)
+    labels = {**selector_labels(manifest), LABEL_PREPARE: str(try_)}
+    job_labels = dict(labels)
+    if manifest.spec.scheduling.queue:
+        job_labels[KUEUE_LABEL] = manifest.spec.scheduling.queue
+    res = manifest.spec.resources
+    pod_spec = _pod_spec(manifest, 0, ["lmforge", "prepare", f"{CONFIG_DIR}/{CONFIG_KEY}"])
+    container = pod_spec["containers"][0]
+    amounts = {"cpu": res.cpu, "memory": res.memory}
+    container["resources"] = {"requests": dict(amounts), "limits": dict(amounts)}
+    keep = {"PYTHONUNBUFFERED", "HOME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    container["env"] = [e for e in container["env"] if e["name"] in keep]
+    del container["ports"]
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] == "config"]
+    pod_spec["volumes"] = [v for v in pod_spec["volumes"] if v["name"] == "config"]
+    pod_spec.pop("terminationGracePeriodSeconds", None)
+    pod_spec.pop("schedulerName", None)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": job_labels},
+        "spec": {
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": 0,  # the operator retries with a new Job, counted against runPolicy.backoffLimit
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
 
 
 SOURCE_MODEL_ENV = "LMFORGE_SOURCE_MODEL_URI"

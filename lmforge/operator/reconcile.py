@@ -12,6 +12,8 @@ what exists in the cluster, and every child has a deterministic name:
 Phases: Pending → Running → Succeeded | Failed, with Restarting (a new gang after a retryable
 failure), Stalled (no step progress for stallTimeoutSeconds), Suspended (suspend: true).
 CompressionJobs have only Pending/Running/Succeeded/Failed; the others map onto those.
+
+A TrainingJob with ``spec.data.prepare`` first goes through Preparing: see :meth:`Step.prepare`.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from lmforge.api.manifest import CompressionJob, TrainingJob
 from lmforge.api.status import Attempt, CompressionJobStatus, Outputs, TrainingJobStatus
 from lmforge.operator import children, classify, metrics, progress
 from lmforge.operator.kube import Kube
-from lmforge.operator.status import TERMINAL, now, set_condition, set_phase
+from lmforge.operator.status import TERMINAL, condition_true, now, set_condition, set_phase
 
 Manifest = TrainingJob | CompressionJob
 _COMPRESSION_PHASES = {"Restarting": "Pending", "Suspended": "Pending", "Stalled": "Running", "Preparing": "Pending"}
+DATA_PREPARED = "DataPrepared"
+"""Condition of a TrainingJob with spec.data.prepare: Unknown while preparing, True when done, False when failed."""
 
 
 @dataclass
@@ -142,6 +146,8 @@ class Step:
         if current is not None and current.end_time is None and self.deadline_passed():
             self.stop_job(current.index)
             self.end_attempt(current, "DeadlineExceeded", retryable=False)
+        if current is None and self.needs_prepare() and self.deadline_passed():
+            self.stop_prepare()
         if self.deadline_passed():
             limit = rp.active_deadline_seconds
             self.phase("Failed", "DeadlineExceeded", f"ran longer than activeDeadlineSeconds ({limit}s)")
@@ -150,6 +156,8 @@ class Step:
         if rp.suspend:
             self.suspend(current)
             return st
+        if current is None and self.needs_prepare() and not self.prepare():
+            return st  # preparing data, or failed preparing it
         if current is None or current.end_time is not None:
             if self.source_model_uri() is False:
                 return st  # waiting for the TrainingJob whose model this CompressionJob compresses
@@ -197,6 +205,114 @@ class Step:
         outputs = (source.get("status") or {}).get("outputs") or {}
         output_uri = ((source.get("spec") or {}).get("output") or {}).get("uri", "")
         return outputs.get("modelUri") or f"{output_uri.rstrip('/')}/model"
+
+    # data preparation ------------------------------------------------------------------------
+    def needs_prepare(self) -> bool:
+        """Whether a prepare Job must (still) run: a TrainingJob with spec.data.prepare whose data
+        is not known to be prepared, before its first attempt (a job that already has attempts is
+        never sent back to Preparing)."""
+        return (
+            isinstance(self.m, TrainingJob)
+            and self.m.spec.data.prepare is not None
+            and not self.status.attempts
+            and not condition_true(self.status, DATA_PREPARED)
+        )
+
+    def prepare_try(self) -> int:
+        """The current prepare try: before attempt 0 the only restarts are prepare retries."""
+        return self.status.restarts
+
+    def stop_prepare(self) -> None:
+        self.kube.delete("batch/v1", "Job", self.ns, children.prepare_job_name(self.name, self.prepare_try()))
+
+    def prepare(self) -> bool:
+        """Run (or find) the CPU prepare Job; True once the data is prepared and attempt 0 may start.
+
+        The operator cannot look into object storage (its image has no S3 client), so it does not
+        decide whether prepared data is missing: the prepare Job always runs once, and
+        ``lmforge prepare`` itself reuses prepared data whose manifest.json matches the spec (a
+        no-op of milliseconds) or prepares it. Exit 0 → condition DataPrepared=True and attempt 0
+        starts; exit 78 (the data or spec is unusable) → Failed with reason InvalidData, never
+        retried; any other failure → a new prepare Job ``<job>-prepare-r<N>``, counted as a restart
+        against runPolicy.backoffLimit, then Failed with reason PrepareFailed.
+
+        Idempotent across operator restarts: the Job name follows from ``status.restarts``, the
+        Job is looked up before it is created (creating an existing name returns it), failed
+        prepare Jobs are kept (their pod has ended; they go with the TrainingJob) so a restarted
+        operator re-reads the same verdict, and DataPrepared=True is written together with
+        attempt 0. A suspend while preparing lets the CPU Job finish; its result is used on resume.
+        """
+        assert isinstance(self.m, TrainingJob)
+        st, rp = self.status, self.m.spec.run_policy
+        try_ = self.prepare_try()
+        name = children.prepare_job_name(self.name, try_)
+        job = self.obs.jobs.get(name)
+        if job is None:  # not in the watch cache yet, or not created yet
+            wanted = children.prepare_job(self.m, try_)
+            kopf.adopt(wanted, owner=self.obs.body)
+            job, _ = self.kube.ensure(wanted, self.ns)
+        job_status = job.get("status") or {}
+        conditions = {c.get("type"): c for c in job_status.get("conditions") or [] if c.get("status") == "True"}
+        if "Complete" in conditions or (job_status.get("succeeded") or 0) >= 1:
+            set_condition(st, DATA_PREPARED, True, "Prepared", f"prepare Job {name} succeeded", self.obs.now)
+            return True
+        pods = [
+            p for p in self.obs.pods if (p["metadata"].get("labels") or {}).get(children.LABEL_PREPARE) == str(try_)
+        ]
+        found = classify.first_failed_pod(pods)
+        if found is None and "Failed" not in conditions:
+            what = "running" if (job_status.get("active") or 0) else "created, waiting for its pod"
+            message = (
+                f"prepare Job {name} {what}: lmforge prepare reuses prepared data when it matches the spec, "
+                "prepares it otherwise"
+            )
+            set_condition(st, DATA_PREPARED, "Unknown", "Preparing", message, self.obs.now)
+            self.phase("Preparing", "Preparing", message)
+            return False
+        if found is not None:
+            pod, failure = found
+        else:
+            cond = conditions["Failed"]
+            pod, failure = (
+                None,
+                classify.Failure(
+                    cond.get("reason") or "JobFailed", True, None, cond.get("message") or "the Job failed"
+                ),
+            )
+        where = ""
+        if pod is not None:
+            where = f" (pod {pod['metadata']['name']})"
+            tail = self.kube.pod_log_tail(self.ns, pod["metadata"]["name"], self.options.log_lines)
+            last = [line for line in (tail or "").splitlines() if line.strip()]
+            if last:
+                where += f": {last[-1].strip()[:500]}"
+        if not failure.retryable:
+            message = f"prepare Job {name} rejected the data (exit {failure.exit_code}){where}; not retried"
+            set_condition(st, DATA_PREPARED, False, "InvalidData", message, self.obs.now)
+            self.phase("Failed", "InvalidData", message)
+            self.warn("InvalidData", message)
+            return False
+        if st.restarts >= rp.backoff_limit:
+            message = (
+                f"prepare Job {name} failed: {failure.message}{where}; backoffLimit ({rp.backoff_limit}) restarts used"
+            )
+            set_condition(st, DATA_PREPARED, False, "PrepareFailed", message, self.obs.now)
+            self.phase("Failed", "PrepareFailed", message)
+            self.warn("PrepareFailed", message)
+            return False
+        st.restarts += 1
+        metrics.RESTARTS.inc()
+        retry = children.prepare_job(self.m, st.restarts)
+        kopf.adopt(retry, owner=self.obs.body)
+        self.kube.ensure(retry, self.ns)
+        message = (
+            f"prepare Job {name} failed: {failure.message}{where}; retrying as {retry['metadata']['name']} "
+            f"(restart {st.restarts} of {rp.backoff_limit})"
+        )
+        self.warn(failure.reason, message)
+        set_condition(st, DATA_PREPARED, "Unknown", "Retrying", message, self.obs.now)
+        self.phase("Preparing", "Retrying", message)
+        return False
 
     def start_attempt(self, previous: Attempt | None) -> None:
         index = 0 if previous is None else previous.index + 1
