@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lmforge import exitcodes
 from lmforge.api.manifest import TrainingJob
 from lmforge.trainer.context import WorldContext
 
@@ -542,9 +541,3 @@ def _materialize(uri: str, spec: Any) -> Path:
     from lmforge.data.storage import storage_for
 
     return fetch(storage_for(uri, spec.s3), uri, "models")
-
-
-def exit_code_for(exc: BaseException) -> int:
-    if isinstance(exc, InvalidForThisRun):
-        return exitcodes.INVALID_SPEC
-    return exitcodes.RETRYABLE
