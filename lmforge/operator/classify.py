@@ -99,3 +99,21 @@ def first_failed_pod(pods: list[dict[str, Any]]) -> tuple[dict[str, Any], Failur
         return (0 if not failure.retryable else 1, finished, pod_rank(pod) or 0)
 
     return sorted(failed, key=order)[0]
+
+
+def true_conditions(job_status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A batch Job's conditions that hold (status "True"), by type."""
+    return {c.get("type"): c for c in job_status.get("conditions") or [] if c.get("status") == "True"}
+
+
+def job_failure(
+    pods: list[dict[str, Any]], conditions: dict[str, dict[str, Any]]
+) -> tuple[dict[str, Any] | None, Failure] | None:
+    """Why a Job failed: its first failed pod, else its Failed condition (pods may be gone); None if it has not."""
+    found = first_failed_pod(pods)
+    if found is not None:
+        return found
+    if "Failed" not in conditions:
+        return None
+    cond = conditions["Failed"]
+    return None, Failure(cond.get("reason") or "JobFailed", True, None, cond.get("message") or "the Job failed")

@@ -252,15 +252,15 @@ class Step:
             kopf.adopt(wanted, owner=self.obs.body)
             job, _ = self.kube.ensure(wanted, self.ns)
         job_status = job.get("status") or {}
-        conditions = {c.get("type"): c for c in job_status.get("conditions") or [] if c.get("status") == "True"}
+        conditions = classify.true_conditions(job_status)
         if "Complete" in conditions or (job_status.get("succeeded") or 0) >= 1:
             set_condition(st, DATA_PREPARED, True, "Prepared", f"prepare Job {name} succeeded", self.obs.now)
             return True
         pods = [
             p for p in self.obs.pods if (p["metadata"].get("labels") or {}).get(children.LABEL_PREPARE) == str(try_)
         ]
-        found = classify.first_failed_pod(pods)
-        if found is None and "Failed" not in conditions:
+        found = classify.job_failure(pods, conditions)
+        if found is None:
             what = "running" if (job_status.get("active") or 0) else "created, waiting for its pod"
             message = (
                 f"prepare Job {name} {what}: lmforge prepare reuses prepared data when it matches the spec, "
@@ -269,16 +269,7 @@ class Step:
             set_condition(st, DATA_PREPARED, "Unknown", "Preparing", message, self.obs.now)
             self.phase("Preparing", "Preparing", message)
             return False
-        if found is not None:
-            pod, failure = found
-        else:
-            cond = conditions["Failed"]
-            pod, failure = (
-                None,
-                classify.Failure(
-                    cond.get("reason") or "JobFailed", True, None, cond.get("message") or "the Job failed"
-                ),
-            )
+        pod, failure = found
         where = ""
         if pod is not None:
             where = f" (pod {pod['metadata']['name']})"
@@ -360,7 +351,7 @@ class Step:
             kopf.adopt(wanted, owner=self.obs.body)
             job, _ = self.kube.ensure(wanted, self.ns)
         job_status = job.get("status") or {}
-        conditions = {c.get("type"): c for c in job_status.get("conditions") or [] if c.get("status") == "True"}
+        conditions = classify.true_conditions(job_status)
         pods = self.attempt_pods(current.index)
         nodes = job["spec"].get("completions") or 1
 
@@ -370,18 +361,9 @@ class Step:
             self.status.outputs = outputs_of(self.m)
             self.phase("Succeeded", "Completed", f"all {nodes} node(s) finished (attempt {current.index})")
             return
-        found = classify.first_failed_pod(pods)
-        if found is not None or "Failed" in conditions:
-            if found is not None:
-                pod, failure = found
-            else:
-                cond = conditions["Failed"]
-                pod, failure = (
-                    None,
-                    classify.Failure(
-                        cond.get("reason") or "JobFailed", True, None, cond.get("message") or "the Job failed"
-                    ),
-                )
+        found = classify.job_failure(pods, conditions)
+        if found is not None:
+            pod, failure = found
             self.fail_attempt(current, failure, pod)
             return
 
