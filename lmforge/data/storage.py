@@ -99,6 +99,18 @@ class Storage:
         raise NotImplementedError
 
 
+def _atomic_copy(source: Path, target: Path) -> None:
+    """Copy via a temporary sibling and rename, so readers never see a half-written file."""
+    if source.absolute() == target.absolute():
+        return
+    tmp = _atomic_target(target)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _atomic_target(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -161,28 +173,13 @@ class LocalStorage(Storage):
 
     def upload_file(self, local: Path, uri: str) -> None:
         path = self._path(uri)
-        if Path(local).absolute() == path:
-            return
-        tmp = _atomic_target(path)
-        try:
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _atomic_copy(Path(local), path)
 
     def download_file(self, uri: str, local: Path) -> None:
         source = self._path(uri)
         if not source.is_file():
             raise FileNotFoundError(f"{uri} does not exist")
-        local = Path(local)
-        if local.absolute() == source:
-            return
-        tmp = _atomic_target(local)
-        try:
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, local)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _atomic_copy(source, Path(local))
 
     def open_read(self, uri: str) -> IO[bytes]:
         try:

@@ -271,24 +271,20 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
     context = spec.model.context_length
     tokens_per_step = micro * accumulation * ctx.world_size * context
 
-    seed = spec.training.seed
-    train_reader = SampleReader(
-        join_uri(prepared.prepared_uri, "train"),
-        storage_for(prepared.prepared_uri, spec.s3),
-        context,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        seed=seed,
-    )
-    val_reader = SampleReader(
-        join_uri(prepared.prepared_uri, "val"),
-        storage_for(prepared.prepared_uri, spec.s3),
-        context,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        seed=seed,
-        shuffle=False,
-    )
+    data_storage = storage_for(prepared.prepared_uri, spec.s3)
+
+    def reader(split: str, shuffle: bool) -> SampleReader:
+        return SampleReader(
+            join_uri(prepared.prepared_uri, split),
+            data_storage,
+            context,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            seed=spec.training.seed,
+            shuffle=shuffle,
+        )
+
+    train_reader, val_reader = reader("train", shuffle=True), reader("val", shuffle=False)
 
     # 4. Resume from the newest committed checkpoint, whatever stopped the last attempt.
     step = 0
