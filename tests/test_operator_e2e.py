@@ -28,7 +28,7 @@ import pytest
 
 from tests.operator_helpers import Api, ClusterThread, Kubelet, OperatorThread, training_job, wait_for
 from tests.s3fixture import s3_client, s3_server  # noqa: F401
-from tests.trainer_helpers import CORPUS, REPO, free_port
+from tests.trainer_helpers import CORPUS, REPO, free_port, free_port_pair
 
 pytestmark = pytest.mark.slow
 NS = "default"
@@ -80,7 +80,7 @@ class LocalPods:
         template = job["spec"]["template"]["spec"]
         config_map = next(v["configMap"]["name"] for v in template["volumes"] if "configMap" in v)
         manifest = self.api.get(f"/api/v1/namespaces/{NS}/configmaps/{config_map}")["data"]["job.yaml"]
-        master_port = free_port()
+        master_port = free_port_pair(avoid=(metrics_port,))
         for pod in pods:
             index = int(pod["metadata"]["annotations"][INDEX_ANNOTATION])
             container = pod["spec"]["containers"][0]
@@ -115,6 +115,10 @@ class LocalPods:
             codes[index] = process.wait(max(1.0, deadline - time.time()))
         self.processes.clear()
         return codes
+
+    def failed(self) -> bool:
+        """Whether a "pod" process already ended with an error (then waiting on it is pointless)."""
+        return any(p.poll() not in (None, 0) for p in self.processes.values())
 
     def kill_all(self) -> None:
         for index in list(self.processes):
@@ -175,19 +179,24 @@ def test_two_node_job_survives_a_lost_node_and_succeeds(s3_server: str, cluster:
     try:
         with OperatorThread(cluster.configuration(), namespaces=[NS], poll_interval=0.2, progress_interval=0.5):
             api.create_tj(manifest)
-            first = wait_for(lambda: api.job(NS, "e2e-a0"), 20, "attempt 0")
+            first = wait_for(lambda: api.job(NS, "e2e-a0"), 120, "attempt 0")
             kubelet.start(first)
             pods.run(first, metrics_port)
 
             # Lose node 1 as soon as a checkpoint is committed (as a node crash would, without warning).
-            wait_for(lambda: committed_steps(client, "runs/e2e/checkpoints/"), 240, "a committed checkpoint")
+            wait_for(
+                lambda: committed_steps(client, "runs/e2e/checkpoints/") or pods.failed(), 240, "a committed checkpoint"
+            )
+            assert committed_steps(client, "runs/e2e/checkpoints/"), (tmp_path / "e2e-a0-0" / "log.txt").read_text()[
+                -3000:
+            ]
             assert pods.kill(1) != 0
             kubelet.terminate(first, 1, 137, reason="Error")
-            wait_for(lambda: api.job(NS, "e2e-a0") is None, 30, "the failed gang removed")
+            wait_for(lambda: api.job(NS, "e2e-a0") is None, 120, "the failed gang removed")
             pods.kill_all()  # the kubelet stops node 0 once its Job is gone
             kept = committed_steps(client, "runs/e2e/checkpoints/")[-1]
 
-            second = wait_for(lambda: api.job(NS, "e2e-a1"), 30, "attempt 1")
+            second = wait_for(lambda: api.job(NS, "e2e-a1"), 120, "attempt 1")
             kubelet.start(second)
             pods.run(second, metrics_port)
             wait_for(
@@ -199,7 +208,7 @@ def test_two_node_job_survives_a_lost_node_and_succeeds(s3_server: str, cluster:
             assert codes == {0: 0, 1: 0}, (tmp_path / "e2e-a1-0" / "log.txt").read_text()[-3000:]
             kubelet.succeed(api.job(NS, "e2e-a1"))
             tj = wait_for(
-                lambda: (t := api.tj(NS, "e2e")) and t["status"].get("phase") == "Succeeded" and t, 30, "Succeeded"
+                lambda: (t := api.tj(NS, "e2e")) and t["status"].get("phase") == "Succeeded" and t, 120, "Succeeded"
             )
     finally:
         pods.kill_all()

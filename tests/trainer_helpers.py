@@ -22,6 +22,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_pair(avoid: tuple[int, ...] = ()) -> int:
+    """A free port whose successor is free too (the trainer's rendezvous uses MASTER_PORT and MASTER_PORT + 1).
+
+    ``avoid``: ports already promised to something that has not bound them yet.
+    """
+    for _ in range(100):
+        port = free_port()
+        if port in avoid or port + 1 in avoid:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no pair of free ports on 127.0.0.1")
+
+
 def tiny_job(out: Path, prepared: Path, corpus: Path, **training: Any) -> dict[str, Any]:
     """A TrainingJob small enough for 2 CPU processes in seconds."""
     spec_training = {
