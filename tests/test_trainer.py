@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from tests.trainer_helpers import (
     CORPUS,
     REPO,
     free_port,
+    free_port_pair,
     lmforge,
     step_records,
     tiny_job,
@@ -176,7 +178,7 @@ def test_rendezvous_timeout_names_the_missing_node(tmp_path: Path, corpus: Path,
         NNODES="2",
         NODE_RANK="0",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
+        MASTER_PORT=str(free_port_pair()),
         NPROC_PER_NODE="2",
         LMFORGE_RENDEZVOUS_TIMEOUT="3",
     )
@@ -188,6 +190,19 @@ def test_rendezvous_timeout_names_the_missing_node(tmp_path: Path, corpus: Path,
     env["NODE_RANK"] = "1"  # a worker whose master never comes up
     result = lmforge("run", str(job), env=env, timeout=120)
     assert result.returncode == 75 and "node rank(s) 0 never arrived" in result.stderr
+
+
+def test_rendezvous_port_taken_is_a_clear_retryable_error(tmp_path: Path, corpus: Path, prepared: Path) -> None:
+    """Torch's worker rendezvous listens on MASTER_PORT + 1; when that is taken, say so instead of a traceback."""
+    job = write_job(tmp_path / "job.yaml", tiny_job(tmp_path / "out", prepared, corpus))
+    port = free_port_pair()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port + 1))
+        squatter.listen()
+        env = trainer_env(NNODES="2", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NPROC_PER_NODE="2")
+        result = lmforge("run", str(job), env=env, timeout=120)
+    assert result.returncode == 75, result.stderr[-2000:]
+    assert f"port {port + 1} (MASTER_PORT + 1" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_invalid_spec_exits_78_without_traceback(tmp_path: Path, corpus: Path, prepared: Path) -> None:

@@ -58,6 +58,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_taken(port: int) -> bool:
+    """Whether another process already listens on ``port`` on this host (any interface)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store does: TIME_WAIT is fine
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
 def plan_world(processes: int | None, default_processes: int) -> WorldPlan:
     """From the pod environment when NNODES is set, else a local single-node world."""
     env = os.environ
@@ -156,6 +167,14 @@ def launch(
     store = None
     rdzv_port = plan.master_port
     if plan.nnodes > 1:
+        if plan.node_rank == 0 and port_taken(plan.master_port + 1):
+            return RunOutcome(
+                exitcodes.RETRYABLE,
+                message=(
+                    f"port {plan.master_port + 1} (MASTER_PORT + 1, used by the workers' rendezvous) is already in use "
+                    "on node 0; pick a MASTER_PORT whose next port is free too"
+                ),
+            )
         timeout = float(os.environ.get("LMFORGE_RENDEZVOUS_TIMEOUT", 600))
         try:
             store = rendezvous_gate(plan, timeout)
