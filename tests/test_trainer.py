@@ -21,7 +21,6 @@ import pytest
 from tests.trainer_helpers import (
     CORPUS,
     REPO,
-    free_port,
     free_port_pair,
     lmforge,
     step_records,
