@@ -10,7 +10,8 @@ PROBLEMS_FOUND = 1
 USAGE = 2
 """Wrong command-line usage (typer/click's own code)."""
 QUALITY_GATE = 3
-"""`lmforge compress`: the compressed model broke the quality gate (results written); never retried."""
+"""A quality gate failed, results written, never retried: `lmforge compress` (the compressed model got
+worse than allowed) or `lmforge run` of a continual job (continual.maxForgetting)."""
 RETRYABLE = 75
 """A transient fault (rendezvous timeout, storage outage, peer lost): restart from a checkpoint."""
 INVALID_SPEC = 78
@@ -20,7 +21,8 @@ DESCRIPTIONS = {
     OK: "success",
     PROBLEMS_FOUND: "problems found in the input (validate, crds --check)",
     USAGE: "command-line usage error",
-    QUALITY_GATE: "quality gate failed: the compressed model got worse than allowed (results written); not retried",
+    QUALITY_GATE: "quality gate failed: the compressed model got worse than allowed, or a continual run forgot more "
+    "than continual.maxForgetting (results and model written); not retried",
     RETRYABLE: "retryable fault: the operator restarts the gang from the newest checkpoint",
     INVALID_SPEC: "invalid spec: fix the manifest; the operator fails the job without retrying",
 }

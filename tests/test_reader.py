@@ -121,7 +121,10 @@ def test_too_little_data_is_a_clear_error(tmp_path: Path) -> None:
         reader.next_batch(1)
 
 
-def test_s3_shards_are_cached_and_verified(s3_server: str, split: str, tmp_path: Path) -> None:
+def test_s3_shards_are_cached_and_verified(
+    s3_server: str, split: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LMFORGE_S3_BACKOFF", "0.001")  # the corrupt shard is retried before it is reported
     s3_client(s3_server).create_bucket(Bucket="shards")
     storage = storage_for("s3://shards", S3Settings(endpoint=s3_server))
     _write("s3://shards/prep/train", storage, mask=True)

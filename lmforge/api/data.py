@@ -110,8 +110,32 @@ class Prepare(SpecModel):
 class Replay(SpecModel):
     """Mix earlier data into continual training so the model does not forget it."""
 
-    sources: list[Uri] = describe("URIs of the earlier data.", min_length=1, max_length=256)
-    fraction: float = describe("Fraction of each batch drawn from the replay sources.", default=0.05, gt=0.0, lt=1.0)
+    sources: list[Uri] = describe(
+        "Prepared data of earlier jobs: each URI is a directory holding train/ and val/ (index.json and "
+        "shards) as `lmforge prepare` or a run writes it, i.e. the earlier job's data.preparedUri "
+        "(default its OUTPUT/data). It must have been tokenized with this job's tokenizer (set "
+        "tokenizer.uri to the earlier model's tokenizer.json). train/ is replayed; val/ measures forgetting.",
+        min_length=1,
+        max_length=256,
+    )
+    fraction: float = describe(
+        "Fraction of the training samples drawn from the replay sources (split across them in proportion "
+        "to their training samples); assigned per sample by a deterministic low-discrepancy sequence, so "
+        "every batch holds close to this fraction.",
+        default=0.05,
+        gt=0.0,
+        lt=1.0,
+    )
+
+    @model_validator(mode="after")
+    def _distinct_sources(self) -> Replay:
+        seen: set[str] = set()
+        for i, uri in enumerate(self.sources):
+            key = uri.rstrip("/")
+            if key in seen:
+                raise rule_error(f"sources[{i}]", f"{uri} is listed twice; list each earlier data directory once")
+            seen.add(key)
+        return self
 
 
 class Data(SpecModel):

@@ -264,6 +264,44 @@ class Training(SpecModel):
         return self
 
 
+class Ewc(SpecModel):
+    """Elastic weight consolidation: pull the weights that mattered for the earlier data back toward their start."""
+
+    weight: float = describe(
+        "lambda in the penalty lambda/2 x sum F (theta - theta0)^2 added to the loss, where theta0 are the "
+        "initial model's weights and F the diagonal Fisher information (mean squared per-sequence gradient) "
+        "on the earlier data. F scales with the data, so tune it: try 10..10000.",
+        gt=0.0,
+        le=1e12,
+    )
+    samples: int = describe(
+        "Earlier training sequences used to estimate F at the start (spread over the processes).",
+        default=64,
+        ge=1,
+        le=1_000_000,
+    )
+
+
+class Continual(SpecModel):
+    """Continual training (stage: continual): forgetting report and gate, optional EWC."""
+
+    earlier_data: list[Uri] = describe(
+        "Prepared data of earlier jobs (directories with train/ and val/, like data.replay.sources) "
+        "to measure forgetting on (val/) and to estimate the EWC Fisher on (train/). Defaults to "
+        "data.replay.sources; set it to measure forgetting without replaying.",
+        default_factory=list,
+        max_length=256,
+    )
+    max_forgetting: float | None = describe(
+        "Quality gate: fail the job (exit 3, after writing the model and forgetting.json) when the "
+        "perplexity on any earlier validation set rose by more than this fraction (0.05 = +5%).",
+        default=None,
+        ge=0.0,
+        le=1000.0,
+    )
+    ewc: Ewc | None = describe("EWC penalty; unset disables it.", default=None)
+
+
 class Checkpoint(SpecModel):
     """Periodic, atomic checkpoints; a restarted run resumes from the newest committed one."""
 
@@ -296,6 +334,20 @@ class TrainingJobSpec(SpecModel):
     scheduling: Scheduling = describe("Batch scheduler integration.", default_factory=Scheduling)
     run_policy: RunPolicy = describe("Retries, deadline, TTL, suspend.", default_factory=RunPolicy)
     metrics: Metrics = describe("Prometheus endpoint.", default_factory=Metrics)
+    continual: Continual | None = describe(
+        "Forgetting report, its gate and EWC (stage: continual). The report runs whenever there is "
+        "earlier data (data.replay.sources or continual.earlierData).",
+        default=None,
+    )
+
+    @property
+    def earlier_data(self) -> list[tuple[str, str]]:
+        """``(field path, URI)`` of the earlier jobs' prepared data: the replay sources, else continual.earlierData."""
+        if self.data.replay is not None:
+            return [(f"data.replay.sources[{i}]", uri) for i, uri in enumerate(self.data.replay.sources)]
+        if self.continual is not None:
+            return [(f"continual.earlierData[{i}]", uri) for i, uri in enumerate(self.continual.earlier_data)]
+        return []
 
     @model_validator(mode="after")
     def _cross_block_rules(self) -> TrainingJobSpec:
@@ -307,10 +359,55 @@ class TrainingJobSpec(SpecModel):
             )
         if self.data.replay is not None and self.stage != "continual":
             raise rule_error("data.replay", "replay mixes earlier data into continual training; use stage: continual")
+        self._continual_rules()
         self.check_world_size(self.resources.world_size, origin="resources")
         if self.training.precision == "fp16" and self.resources.gpus_per_node == 0:
             raise rule_error("training.precision", "fp16 needs a GPU; on CPU use bf16 or fp32")
         return self
+
+    def _continual_rules(self) -> None:
+        """Rules that keep a continual job from reading or overwriting the earlier job's files."""
+        if self.continual is not None and self.stage != "continual":
+            raise rule_error("continual", "the continual block applies to stage: continual; set it or remove the block")
+        output = self.output.uri.rstrip("/") + "/"
+        initial = self.model.initial_model
+        if initial is not None and (initial.rstrip("/") + "/").startswith(output):
+            raise rule_error(
+                "model.initialModel",
+                f"{initial} is inside this job's output.uri ({self.output.uri}): the job would resume the "
+                "earlier job's checkpoints and overwrite its model; give this job its own output.uri",
+            )
+        prepared = (self.data.prepared_uri or output + "data").rstrip("/")
+        for path, uri in self.earlier_data:
+            if uri.rstrip("/") == prepared:
+                raise rule_error(
+                    path,
+                    f"{uri} is where this job writes its own prepared data (data.preparedUri, default "
+                    "OUTPUT/data); point it at the earlier job's data, or set data.preparedUri elsewhere",
+                )
+        settings = self.continual
+        if settings is None:
+            return
+        if self.data.replay is not None and settings.earlier_data:
+            raise rule_error(
+                "continual.earlierData",
+                "data.replay.sources already name the earlier data (their val/ measures forgetting); "
+                "remove continual.earlierData, or remove data.replay to measure without replaying",
+            )
+        if not self.earlier_data:
+            for name, value in (("maxForgetting", settings.max_forgetting), ("ewc", settings.ewc)):
+                if value is not None:
+                    raise rule_error(
+                        f"continual.{name}",
+                        f"continual.{name} needs the earlier job's data; set data.replay.sources or "
+                        "continual.earlierData to its prepared data (e.g. s3://bucket/runs/base/data)",
+                    )
+        if settings.ewc is not None and self.training.zero.stage == 3:
+            raise rule_error(
+                "continual.ewc",
+                "EWC needs every weight on every process, and ZeRO stage 3 partitions them; use "
+                "training.zero.stage 0, 1 or 2 with EWC, or remove continual.ewc",
+            )
 
     def check_world_size(self, world_size: int, origin: str = "resources") -> None:
         """Raise when the global batch cannot be split over ``world_size`` processes."""

@@ -71,6 +71,12 @@ class Storage:
         """``length`` bytes from offset ``start`` (fewer at the end of the object)."""
         raise NotImplementedError
 
+    def fetch(self, uri: str, start: int = 0, length: int | None = None) -> bytes:
+        """One attempt at the whole object (``length=None``) or a byte range, for callers that retry
+        themselves (:mod:`lmforge.data.retry`): S3 disables botocore's own retries here so that every
+        failure is seen and counted once."""
+        return self.read_bytes(uri) if length is None else self.read_range(uri, start, length)
+
     def write_bytes(self, uri: str, data: bytes) -> None:
         raise NotImplementedError
 
@@ -240,6 +246,12 @@ class S3Storage(Storage):
         self.settings = settings
         self._client: Any = None
         self._client_pid: int | None = None
+        self._fetch_client: Any = None
+        self._fetch_client_pid: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable for DataLoader workers: clients (sockets) are made again on the other side."""
+        return {**self.__dict__, "_client": None, "_client_pid": None, "_fetch_client": None, "_fetch_client_pid": None}
 
     @property
     def client(self) -> Any:
@@ -261,6 +273,42 @@ class S3Storage(Storage):
             )
             self._client_pid = os.getpid()
         return self._client
+
+    @property
+    def fetch_client(self) -> Any:
+        """A client without botocore retries (the reader retries and counts), with bounded timeouts and
+        enough pooled connections for the prefetch threads."""
+        if self._fetch_client is None or self._fetch_client_pid != os.getpid():
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                s3={"addressing_style": self.settings.addressing_style},
+                retries={"mode": "standard", "total_max_attempts": 1},
+                region_name=self.settings.region,
+                connect_timeout=10,
+                read_timeout=60,
+                max_pool_connections=32,
+            )
+            self._fetch_client = boto3.session.Session().client(
+                "s3", endpoint_url=self.settings.endpoint, region_name=self.settings.region, config=config
+            )
+            self._fetch_client_pid = os.getpid()
+        return self._fetch_client
+
+    def fetch(self, uri: str, start: int = 0, length: int | None = None) -> bytes:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        extra = {} if length is None else {"Range": f"bytes={start}-{start + length - 1}"}
+        try:
+            response = self.fetch_client.get_object(Bucket=bucket, Key=key, **extra)
+            return response["Body"].read()
+        except ClientError as exc:
+            error = self._missing(exc, uri)
+            if error is exc:
+                raise
+            raise error from None
 
     def _missing(self, exc: Exception, uri: str) -> Exception:
         code = _error_code(exc)

@@ -15,6 +15,7 @@ Exit codes (see :mod:`lmforge.exitcodes`): 0 done; 78 invalid spec (never retrie
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 import sys
@@ -144,7 +145,9 @@ def worker_main(manifest_json: str, threads: int | None, mode: str = "train") ->
         traceback.print_exc()
         sys.stderr.flush()
         sys.exit(exitcodes.RETRYABLE)
-    return asdict(result) if int(os.environ.get("RANK", 0)) == 0 else None
+    if int(os.environ.get("RANK", 0)) == 0:
+        return asdict(result)
+    return {"quality_gate": result.quality_gate} if result.quality_gate else None  # so every node exits 3
 
 
 def launch(
@@ -199,15 +202,21 @@ def launch(
         start_method="spawn",
         shutdown_timeout=int(os.environ.get("LMFORGE_SHUTDOWN_TIMEOUT", 600)),
     )
+    # Workers report their own failures (the error for 78, a traceback for 75); torch's logged
+    # ProcessExitedException traceback for a deliberate exit code would only bury that message.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(config, worker_main)(manifest.model_dump_json(by_alias=True), threads, mode)
     except ChildFailedError as exc:
-        _, failure = exc.get_first_failure()
+        rank, failure = exc.get_first_failure()  # (global rank, ProcessFailure: it has no rank of its own)
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 128 + abs(failure.exitcode or 0)
-        return RunOutcome(code, message=f"rank {failure.rank} exited with code {failure.exitcode}")
+        return RunOutcome(code, message=f"rank {rank} exited with code {failure.exitcode}")
     except SignalException as exc:  # SIGTERM reached the launcher: workers were told to checkpoint
         return RunOutcome(128 + int(exc.sigval), message=f"stopped by {exc.sigval.name}; workers saved a checkpoint")
     finally:
         del store
-    result = next((value for value in results.values() if value), None)
+    result = next((value for value in results.values() if value and "steps" in value), None)
+    gate = next((value["quality_gate"] for value in results.values() if value and value.get("quality_gate")), None)
+    if gate:  # continual.maxForgetting: the model and reports are written, the job still fails (not retried)
+        return RunOutcome(exitcodes.QUALITY_GATE, result=result, message=gate)
     return RunOutcome(exitcodes.OK, result=result)

@@ -47,6 +47,9 @@ class RunResult:
     model_uri: str | None = None
     peak_lr: float | None = None
     losses: list[float] = field(default_factory=list)
+    forgetting: dict[str, Any] | None = None
+    quality_gate: str | None = None
+    """Set (on every rank) when continual.maxForgetting failed: the launcher exits QUALITY_GATE with it."""
 
 
 # --- distributed helpers ---------------------------------------------------------------------
@@ -221,14 +224,15 @@ def find_lr(manifest: TrainingJob, *, threads: int | None = None) -> float:
 
 def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
     """Train the manifest's model in this process's slot of the world."""
-    from lmforge.data.reader import SampleReader
     from lmforge.data.storage import join_uri, storage_for
+    from lmforge.data.workers import open_reader
     from lmforge.trainer.checkpoint import (
         CheckpointLocation,
         load_rank_rng,
         tag_for,
         write_rank_rng,
     )
+    from lmforge.trainer.continual import ContinualRun
     from lmforge.trainer.engine import initialize, set_learning_rate
     from lmforge.trainer.metrics import JsonlWriter, TrainerMetrics, peak_flops
     from lmforge.trainer.model import GPT, GPTConfig
@@ -237,6 +241,8 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
     run = _start(manifest, threads)
     spec, ctx, device, prepared, started = run.spec, run.ctx, run.device, run.prepared, run.started
     storage = storage_for(spec.output.uri, spec.s3)
+    # stage: continual: replay, EWC, forgetting report (None otherwise); checks the earlier data first.
+    continual = ContinualRun.from_spec(spec, prepared.tokenizer, rank=ctx.rank, world_size=ctx.world_size)
 
     # 2. Model, with the same initial weights on every rank.
     torch.manual_seed(spec.training.seed)
@@ -265,6 +271,7 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
         model = GPT(config)
         if spec.model.initial_model is not None:
             _load_initial_weights(model, spec.model.initial_model, spec)
+    ewc = continual.ewc(model, device) if continual is not None else None
     engine = initialize(model, spec, ctx.world_size, peak_lr=float(peak_lr))
     accumulation = spec.gradient_accumulation_steps(ctx.world_size)
     micro = spec.training.micro_batch_size
@@ -273,8 +280,8 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
 
     data_storage = storage_for(prepared.prepared_uri, spec.s3)
 
-    def reader(split: str, shuffle: bool) -> SampleReader:
-        return SampleReader(
+    def reader(split: str, shuffle: bool) -> Any:
+        return open_reader(  # LMFORGE_DATA_WORKERS worker processes for the training split
             join_uri(prepared.prepared_uri, split),
             data_storage,
             context,
@@ -282,9 +289,18 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
             world_size=ctx.world_size,
             seed=spec.training.seed,
             shuffle=shuffle,
+            workers=None if split == "train" else 0,
         )
 
     train_reader, val_reader = reader("train", shuffle=True), reader("val", shuffle=False)
+
+    def evaluate(split_reader: Any) -> float:
+        return _evaluate(engine, split_reader, spec.training.eval_batches, micro, ctx.world_size, device)
+
+    forgetting_before: list[float] = []
+    if continual is not None:  # the mix replaces the plain reader; before: the initial weights' losses
+        train_reader = continual.train_reader(train_reader)
+        forgetting_before = continual.measure(evaluate)
 
     # 4. Resume from the newest committed checkpoint, whatever stopped the last attempt.
     step = 0
@@ -374,7 +390,7 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
             x, y = train_reader.next_batch(micro)
             wait_since_log += time.time() - waited
             _, loss = engine(x.to(device), y.to(device))
-            engine.backward(loss)
+            engine.backward(loss if ewc is None else loss + ewc.penalty(engine.module))
             engine.step()
             step_loss += float(loss.item()) / accumulation
         step += 1
@@ -406,6 +422,7 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
                 "data_position": train_reader.state_dict()["position"],
                 "time": time.time(),
             }
+            record.update(metrics.observe_data(train_reader))
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             if peak is not None:
@@ -448,15 +465,23 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
     result.tokens = tokens
     result.final_eval_loss = last_eval
     if not preempted:
+        if continual is not None and continual.sources:
+            result.forgetting = continual.report(forgetting_before, continual.measure(evaluate), train_reader, ewc)
         state = _full_state_dict(engine, spec.training.zero.stage)
         if ctx.is_main:
             result.model_uri = _export(state, config, prepared, spec, storage, output_dir)
+            if continual is not None and result.forgetting is not None:
+                continual.write(result.forgetting, output_dir, storage, spec.output.uri)
             _write_summary(result, spec, output_dir, storage, started)
     dist.barrier()
     metrics.close()
     result.seconds = time.time() - started
     if preempted:
         raise SystemExit(PREEMPTED_EXIT)
+    if result.forgetting is not None and result.forgetting["passed"] is False:
+        from lmforge.trainer.continual import gate_message
+
+        result.quality_gate = gate_message(result.forgetting)  # every rank: the losses are all-reduced means
     return result
 
 
@@ -513,6 +538,10 @@ def _write_summary(result: RunResult, spec: Any, output_dir: Path, storage: Any,
         "seconds": time.time() - started,
         "model_uri": result.model_uri,
     }
+    if result.forgetting is not None:
+        from lmforge.trainer.continual import summary_entry
+
+        summary["forgetting"] = summary_entry(result.forgetting)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _publish(storage, output_dir, spec.output.uri, ["summary.json"])
 

@@ -71,6 +71,21 @@ class TrainerMetrics:
         self.tokens = Counter(
             "lmforge_tokens", "Training tokens consumed, all ranks.", names, registry=self.registry
         ).labels(**self.labels)
+
+        # Data streaming (lmforge/data/reader.py counters), updated at each log interval.
+        def counter(name: str, text: str) -> Any:
+            return Counter(name, text, names, registry=self.registry).labels(**self.labels)
+
+        self.data_samples = counter("lmforge_data_samples_read", "Training samples read by this rank.")
+        self.data_bytes = counter(
+            "lmforge_data_bytes_read", "Bytes of token data read from storage by this rank (downloaded for s3://)."
+        )
+        self.data_s3_errors = counter("lmforge_data_s3_errors", "Failed S3 GETs of training data (each attempt).")
+        self.data_s3_retries = counter("lmforge_data_s3_retries", "Retried S3 GETs of training data.")
+        self.data_prefetch_depth = gauge(
+            "lmforge_data_prefetch_queue_depth", "Data blocks fetched or in flight ahead of this rank's reader."
+        )
+        self._data_seen: dict[str, float] = {}
         self.port = port + local_rank
         address = os.environ.get("LMFORGE_METRICS_ADDR", "127.0.0.1")
         self.server = None
@@ -78,6 +93,37 @@ class TrainerMetrics:
             self.server, _ = start_http_server(self.port, addr=address, registry=self.registry)
         except OSError as exc:  # a busy port must not kill a training run
             log.warning("metrics endpoint %s:%d not started: %s", address, self.port, exc)
+
+    def observe_data(self, reader: Any) -> dict[str, float]:
+        """Export a reader's cumulative counters (:func:`lmforge.data.reader.reader_counters`); returns
+        the metrics.jsonl fields for them.
+
+        The reader's counters are cumulative, Prometheus counters only go up: each call adds the
+        growth since the previous call.
+        """
+        from lmforge.data.reader import reader_counters
+
+        counters = reader_counters(reader)
+        pairs = {
+            "samples_read": self.data_samples,
+            "bytes_read": self.data_bytes,
+            "s3_errors": self.data_s3_errors,
+            "s3_retries": self.data_s3_retries,
+        }
+        for key, metric in pairs.items():
+            value = float(counters.get(key, 0))
+            growth = value - self._data_seen.get(key, 0.0)
+            if growth > 0:
+                metric.inc(growth)
+            self._data_seen[key] = value
+        self.data_prefetch_depth.set(float(counters.get("prefetch_depth", 0)))
+        return {
+            "data_samples_read": int(counters.get("samples_read", 0)),
+            "data_bytes_read": int(counters.get("bytes_read", 0)),
+            "data_s3_errors": int(counters.get("s3_errors", 0)),
+            "data_s3_retries": int(counters.get("s3_retries", 0)),
+            "data_prefetch_depth": int(counters.get("prefetch_depth", 0)),
+        }
 
     def close(self) -> None:
         if self.server is not None:
