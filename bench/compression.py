@@ -1,19 +1,22 @@
 """Size, perplexity and speed ratios of compressed models against the uncompressed one, on this machine.
 
 A small Llama-style GPT (4 layers, width 256, 8 heads / 4 kv heads, SwiGLU 688, context 128, 2048-token
-BPE on the quickstart corpus) is trained here with the plain loop, then compressed three ways, each
-from the same teacher:
+BPE on the quickstart corpus) is trained here (lmforge.compress.train.fit: the trainer's DeepSpeed
+engine on one process, as every training below), then compressed three ways, each from the same
+teacher:
 
 1. int8 dynamic-activation / int8-weight (torchao; torch.ao quantize_dynamic without torchao);
-2. structured pruning of 25% of FFN width and attention heads (heads only where GPTConfig supports a
-   head size other than width / heads) with a recovery fine-tune;
+2. structured pruning of 25% of FFN width and attention heads (one of the 4 kv groups with its 2 query
+   heads, so GQA stays consistent: 8/4 -> 6/3 heads) with a recovery fine-tune distilled from the
+   unpruned model (0.5 x KL at T 2 + 0.5 x CE; the pipeline's default), and for comparison the same
+   pruned model recovered with cross-entropy alone at equal steps (``--no-ce-recovery`` skips it);
 3. a half-depth student (2 layers from teacher layers 0 and 2) distilled with alpha 0.5, T 2.
 
 Every model is saved, loaded back and measured with lmforge.compress.evaluate: held-out perplexity,
 weight-file size, prefill tokens/s at batch 8 and decode ms/token at batch 1, eager and compiled
 (torch.compile, inductor), best of 3 runs.
 
-    python bench/compression.py [--steps 600] [--threads 2] [--no-compile]
+    python bench/compression.py [--steps 600] [--threads 2] [--no-compile] [--no-ce-recovery]
 
 Targets (issue 7): int8 <= 0.3x size, <= +1% perplexity, >= 1.3x prefill at batch 8 compiled;
 pruning >= 1.2x speed, <= +10% perplexity; half-depth student >= 1.8x speed, perplexity within 15%.
@@ -37,9 +40,10 @@ sys.path.insert(0, str(REPO))
 
 from lmforge.api.data import Data  # noqa: E402
 from lmforge.compress import data as cdata  # noqa: E402
-from lmforge.compress.distill import distill, make_student  # noqa: E402
+from lmforge.compress.distill import distill, make_student, recover  # noqa: E402
 from lmforge.compress.evaluate import Evaluation, evaluate_model  # noqa: E402
 from lmforge.compress.modelio import load_any, save_float, save_quantized, weights_bytes  # noqa: E402
+from lmforge.compress.pipeline import RECOVERY_LR  # noqa: E402
 from lmforge.compress.prune import structured_prune, supports_head_pruning  # noqa: E402
 from lmforge.compress.quantize import describe, quantize  # noqa: E402
 from lmforge.compress.train import fit  # noqa: E402
@@ -92,6 +96,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600, help="teacher training steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="eager timings only")
+    parser.add_argument(
+        "--no-ce-recovery", action="store_true", help="skip the cross-entropy-only recovery row (comparison)"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("torchao").setLevel(logging.ERROR)
@@ -112,9 +119,10 @@ def main() -> None:
         torch.manual_seed(0)
         teacher = GPT(GPTConfig(vocab_size=prepared.vocab_size, **SHAPE))
         train = cdata.reader(uri, "train", ctx)
-        fit(teacher, lambda: train.next_batch(MICRO), args.steps, 2e-3)
+        fitted = fit(teacher, lambda: train.next_batch(MICRO), args.steps, 2e-3)
         save_float(teacher, prepared.tokenizer, root / "base")
         print(f"teacher: {teacher.num_parameters():,} parameters, {args.steps} steps ({time.time() - started:.0f}s)")
+        print("training engine:", fitted.engine.summary())
         base = measure(teacher, root / "base", uri, compile)
         rows = []
 
@@ -125,19 +133,30 @@ def main() -> None:
 
         targets = ["ffn", "heads"] if supports_head_pruning() else ["ffn"]
         calib = lambda: cdata.batches(cdata.reader(uri, "train", ctx, seed=1), 8, MICRO)  # noqa: E731
-        pruned, report = structured_prune(teacher, 0.25, targets, "activation", calib)
-        recovery = cdata.reader(uri, "train", ctx, seed=2)
-        fit(pruned, lambda: recovery.next_batch(MICRO), max(50, args.steps // 3), 3e-4)
-        save_float(pruned, prepared.tokenizer, root / "pruned")
-        rows.append(
-            ratios(
-                f"pruned 25% {'+'.join(targets)} + recovery",
-                base,
-                measure(pruned, root / "pruned", uri, compile),
-                modes,
+        recovery_steps = max(50, args.steps // 3)
+        for use_teacher in (True, False) if not args.no_ce_recovery else (True,):
+            pruned, report = structured_prune(teacher, 0.25, targets, "activation", calib)
+            recovery = cdata.reader(uri, "train", ctx, seed=2)  # the same batches for both recoveries
+            recovered = recover(
+                pruned,
+                teacher,
+                lambda recovery=recovery: recovery.next_batch(MICRO),
+                steps=recovery_steps,
+                lr=RECOVERY_LR,
+                use_teacher=use_teacher,
             )
-        )
-        print("pruning:", report.summary())
+            name = "pruned" if use_teacher else "pruned-ce"
+            save_float(pruned, prepared.tokenizer, root / name)
+            how = "distilled recovery" if use_teacher else "CE-only recovery"
+            rows.append(
+                ratios(
+                    f"pruned 25% {'+'.join(targets)} + {recovery_steps} {how}",
+                    base,
+                    measure(pruned, root / name, uri, compile),
+                    modes,
+                )
+            )
+            print(f"pruning: {report.summary()} | recovery: {recovered.extra['loss']}")
 
         student, init = make_student(teacher, SimpleNamespace(layers=SHAPE["layers"] // 2))
         data = cdata.reader(uri, "train", ctx, seed=3)

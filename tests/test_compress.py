@@ -20,13 +20,13 @@ import torch
 from lmforge.api.data import Data
 from lmforge.api.manifest import CompressionJob
 from lmforge.compress import data as cdata
-from lmforge.compress.distill import distill, make_student
+from lmforge.compress.distill import distill, make_student, recover
 from lmforge.compress.evaluate import evaluate_model, format_evaluation, perplexity
 from lmforge.compress.modelio import load_any, save_float, save_quantized, weights_bytes
 from lmforge.compress.pipeline import QUALITY_GATE_EXIT, QualityGateFailed, compress
 from lmforge.compress.prune import magnitude_prune, structured_prune, supports_head_pruning
 from lmforge.compress.quantize import quantize, torchao_available
-from lmforge.compress.train import fit
+from lmforge.compress.train import fit, single_process_world
 from lmforge.trainer.export import load_model
 from lmforge.trainer.generate import generate
 from lmforge.trainer.model import GPT, GPTConfig
@@ -213,6 +213,51 @@ def test_distilled_student_beats_the_same_student_without_the_teacher(run: Simpl
     assert results[0.5] < 0.95 * results[0.0], results
 
 
+def test_recovery_distilled_from_the_unpruned_model_beats_cross_entropy_alone(run: SimpleNamespace) -> None:
+    """Same fixture idea: recovery sees 4 fixed batches; the unpruned teacher knows the whole corpus."""
+    unpruned = _model(run)
+    results = {}
+    for use_teacher in (True, False):
+        pruned, _ = structured_prune(unpruned, 0.5, ["heads", "ffn"], "activation", _calibration(run))
+        fixed_reader = cdata.reader(run.prepared, "train", CONTEXT, seed=5)
+        cycle = itertools.cycle([fixed_reader.next_batch(8) for _ in range(4)])
+        fitted = recover(pruned, unpruned, lambda cycle=cycle: next(cycle), steps=60, lr=1e-3, use_teacher=use_teacher)
+        assert fitted.extra["loss"] == (
+            "0.5 x KL(teacher || student) at T=2 + 0.5 x cross-entropy" if use_teacher else "cross-entropy"
+        )
+        results[use_teacher] = _ppl(run, pruned)
+    assert results[True] < 0.95 * results[False], results
+
+
+# --- the training loop ----------------------------------------------------------------------------
+
+
+def test_fit_trains_through_a_deepspeed_engine_and_leaves_the_process_as_it_found_it(run: SimpleNamespace) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    model = _model(run)
+    before = _ppl(run, model)
+    train = cdata.reader(run.prepared, "train", CONTEXT, seed=11)
+    environment = dict(os.environ)
+    fitted = fit(model, lambda: train.next_batch(8), 30, 1e-3)
+    engine = fitted.engine
+    assert (engine.engine, engine.zero_stage, engine.world_size) == ("DeepSpeedEngine", 0, 1)
+    assert (engine.precision, engine.backend, engine.optimizer) == ("fp32", "gloo", "AdamW")  # CPU
+    assert fitted.steps == 30 and _ppl(run, model) < before  # the engine's steps reached the model
+    assert next(model.parameters()).dtype == torch.float32 and not model.training
+    assert not dist.is_initialized()  # the world fit started is gone again
+    assert {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} == {
+        k: v for k, v in environment.items() if k != "DS_ACCELERATOR"
+    }
+    with single_process_world() as started:  # a world of one that someone else owns is reused and kept
+        assert started
+        fit(model, lambda: train.next_batch(8), 2, 1e-4)
+        assert dist.is_initialized() and dist.get_world_size() == 1
+    assert not dist.is_initialized()
+
+
 # --- the pipeline ---------------------------------------------------------------------------------
 
 
@@ -256,7 +301,18 @@ def test_pipeline_runs_steps_and_writes_the_results(run: SimpleNamespace, tmp_pa
     assert outcome.compression_ratio > 3
     document = json.loads((out / "results.json").read_text())
     assert document["gate"]["passed"] and len(document["results"]) == 3
-    assert "| quantize |" in (out / "results.md").read_text()
+    training = document["steps"][1]["training"]  # the recovery fine-tune ran through DeepSpeed
+    assert (training["engine"], training["zero_stage"], training["world_size"], training["steps"]) == (
+        "DeepSpeedEngine",
+        0,
+        1,
+        20,
+    )
+    assert training["loss"].startswith("0.5 x KL") and document["steps"][2]["training"] is None
+    markdown = (out / "results.md").read_text()
+    assert "| quantize |" in markdown
+    assert "distilled from the unpruned model" in markdown and "DeepSpeedEngine" in markdown
+    assert "ZeRO stage 0" in markdown
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     model, tokenizer, info = load_any(out / "model")
     assert info["method"] == "int8-dynamic" and model.config.ffn_size == 128

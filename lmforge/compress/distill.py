@@ -11,13 +11,20 @@ Loss per token, over the targets that carry loss (not -100):
 ``alpha x T^2 x KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) x CE(student, y)``;
 the T^2 keeps the KL gradient's scale independent of T (Hinton et al., 2015).
 
-Training uses :func:`lmforge.compress.train.fit`: a plain PyTorch loop on one process (AdamW,
-warm-up + cosine), not the DeepSpeed engine; the data comes from the same SampleReader as training.
+Training uses :func:`lmforge.compress.train.fit`: the trainer's DeepSpeed engine on a world of one
+process (AdamW, warm-up + cosine); the batches come from the same SampleReader as training. Only the
+student goes into the engine: the teacher stays a frozen plain module in eval mode, moved to the
+training device for the step and back afterwards.
+
+Pruning recovery (:func:`recover`) is the same loop with the unpruned model as the teacher: at
+equal steps, matching the unpruned model's full distribution recovers more perplexity than
+cross-entropy on the data alone (``distill: false`` keeps plain cross-entropy).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge.compress.train import fit
+from lmforge.compress.train import FitResult, fit, training_device
 from lmforge.trainer.model import GPT, IGNORE_INDEX, GPTConfig
 
 
@@ -146,15 +153,67 @@ def distill(
     temperature: float = 2.0,
     alpha: float = 0.5,
     log: Callable[[str], None] = lambda text: None,
-) -> list[float]:
-    """Train ``student`` in place against ``teacher``; the loss per step."""
+) -> FitResult:
+    """Train ``student`` in place against ``teacher`` through the DeepSpeed engine; the losses and engine."""
+    if alpha == 0:
+        result = fit(student, next_batch, steps, lr, log=log)
+    else:
+        with _frozen_on(teacher, training_device()):
+
+            def loss_fn(engine: Any, x: Tensor, y: Tensor) -> Tensor:
+                with torch.no_grad():
+                    teacher_logits, _ = teacher(x)
+                logits, _ = engine(x)
+                total, _, _ = distillation_loss(logits, teacher_logits, y, temperature, alpha)
+                return total
+
+            result = fit(student, next_batch, steps, lr, loss_fn, log=log)
+    result.extra.update(loss=_loss_text(temperature, alpha), temperature=temperature, alpha=alpha)
+    return result
+
+
+def recover(
+    pruned: GPT,
+    unpruned: GPT,
+    next_batch: Callable[[], tuple[Tensor, Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    use_teacher: bool = True,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    log: Callable[[str], None] = lambda text: None,
+) -> FitResult:
+    """Recovery fine-tune of a pruned model, distilled from the unpruned one unless ``use_teacher`` is off."""
+    return distill(
+        unpruned,
+        pruned,
+        next_batch,
+        steps=steps,
+        lr=lr,
+        temperature=temperature,
+        alpha=alpha if use_teacher else 0.0,
+        log=log,
+    )
+
+
+def _loss_text(temperature: float, alpha: float) -> str:
+    if alpha == 0:
+        return "cross-entropy"
+    if alpha == 1:
+        return f"KL(teacher || student) at T={temperature:g}"
+    return f"{alpha:g} x KL(teacher || student) at T={temperature:g} + {1 - alpha:g} x cross-entropy"
+
+
+@contextlib.contextmanager
+def _frozen_on(teacher: GPT, device: torch.device) -> Iterator[None]:
+    """The teacher in eval mode on ``device`` for the duration, then back where it was."""
+    home = next(teacher.parameters()).device
+    was_training = teacher.training
     teacher.eval()
-
-    def loss_fn(model: GPT, x: Tensor, y: Tensor) -> Tensor:
-        with torch.no_grad():
-            teacher_logits, _ = teacher(x)
-        logits, _ = model(x)
-        total, _, _ = distillation_loss(logits, teacher_logits, y, temperature, alpha)
-        return total
-
-    return fit(student, next_batch, steps, lr, loss_fn if alpha > 0 else None, log=log)
+    teacher.to(device)
+    try:
+        yield
+    finally:
+        teacher.to(home)
+        teacher.train(was_training)

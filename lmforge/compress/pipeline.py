@@ -7,7 +7,9 @@
    ``<run>/model``, as a TrainingJob writes it) gives the validation split.
 3. The baseline is evaluated, then every step runs on the model the previous step left, is written
    to ``OUTPUT/steps/NN-<kind>/``, loaded back from there and evaluated (so every row measures a
-   model that really loads).
+   model that really loads). Pruning recovery and distillation train through the trainer's DeepSpeed
+   engine on a world of one process (:mod:`lmforge.compress.train`); the step's report and its
+   ``training`` record in results.json name the engine, ZeRO stage and precision that ran.
 4. ``OUTPUT/results.json`` (rows, full evaluations, step reports, gate), ``results.md`` and
    ``results.png`` are written, and the final model is copied to ``OUTPUT/model``.
 5. Quality gate: when the final perplexity exceeds the baseline's by more than
@@ -41,6 +43,7 @@ from lmforge.compress.evaluate import Evaluation, evaluate_model
 from lmforge.compress.modelio import load_any, save_float, save_quantized, weights_bytes
 from lmforge.data.staging import fetch, local_dir, publish
 from lmforge.data.storage import join_uri, storage_for
+from lmforge.termination import write_termination_message
 
 QUALITY_GATE_EXIT = exitcodes.QUALITY_GATE
 """Exit code of `lmforge compress` when the quality gate fails (not retryable: the same job fails again)."""
@@ -63,6 +66,8 @@ class StepRecord:
     evaluation: Evaluation
     report: str = ""
     seconds: float = 0.0
+    training: dict[str, Any] | None = None
+    """How recovery or distillation trained (engine, ZeRO stage, precision, steps, losses); None without training."""
 
 
 @dataclass
@@ -216,10 +221,9 @@ def compress(
     threads: int | None = None,
 ) -> CompressionOutcome:
     """Run the job; raise :class:`QualityGateFailed` (after writing the results) when the gate breaks."""
-    from lmforge.compress.distill import distill, make_student
+    from lmforge.compress.distill import distill, make_student, recover
     from lmforge.compress.prune import magnitude_prune, structured_prune
     from lmforge.compress.quantize import describe, quantize
-    from lmforge.compress.train import fit
 
     if threads:
         torch.set_num_threads(threads)
@@ -278,6 +282,7 @@ def compress(
         if directory.exists():
             shutil.rmtree(directory)
         train = cdata.reader(prepared, "train", context, s3=spec.s3, seed=1000 + i)
+        training: dict[str, Any] | None = None
         if kind in ("prune",) and quantized:
             raise CompressionSpecError(f"steps[{i}]: a quantized model cannot be pruned; put quantize last")
         if kind == "prune":
@@ -291,15 +296,28 @@ def compress(
                         MICRO_BATCH,
                     )
 
+                unpruned = model
                 model, prune_report = structured_prune(model, p.sparsity, list(p.targets), p.importance, calibration)
                 method = f"structured {'+'.join(p.targets)} {p.sparsity:g} ({p.importance})"
                 report = prune_report.summary()
                 if p.recovery_steps:
-                    log(f"compress: recovery fine-tune, {p.recovery_steps} steps at lr {RECOVERY_LR:g}")
-                    fit(
-                        model, lambda train=train: train.next_batch(MICRO_BATCH), p.recovery_steps, RECOVERY_LR, log=log
+                    teacher = "distilled from the unpruned model" if p.recovery_distill else "cross-entropy only"
+                    log(f"compress: recovery fine-tune, {p.recovery_steps} steps at lr {RECOVERY_LR:g}, {teacher}")
+                    fitted = recover(
+                        model,
+                        unpruned,
+                        lambda train=train: train.next_batch(MICRO_BATCH),
+                        steps=p.recovery_steps,
+                        lr=RECOVERY_LR,
+                        use_teacher=p.recovery_distill,
+                        log=log,
                     )
-                    report += f" | recovery: {p.recovery_steps} steps at lr {RECOVERY_LR:g}"
+                    training = fitted.to_dict()
+                    report += (
+                        f" | recovery: {p.recovery_steps} steps at lr {RECOVERY_LR:g}, {teacher} "
+                        f"({fitted.extra['loss']}), through {fitted.engine.summary()}"
+                    )
+                del unpruned
             else:
                 model, prune_report = magnitude_prune(model, p.sparsity)
                 method = f"magnitude {p.sparsity:g}"
@@ -312,7 +330,7 @@ def compress(
             student, init = make_student(model, d.student)
             log(f"compress: {init.summary()}")
             micro = d.micro_batch_size
-            distill(
+            fitted = distill(
                 model,
                 student,
                 lambda train=train, micro=micro: train.next_batch(micro),
@@ -325,9 +343,10 @@ def compress(
             model, quantized = student, False
             c = model.config
             method = f"{c.layers} layers, width {c.width}, T={d.temperature:g}, alpha={d.alpha:g}"
+            training = fitted.to_dict()
             report = (
-                f"{init.summary()} | {d.steps} steps, micro-batch {micro}, lr {d.lr:g}; plain PyTorch loop "
-                "(AdamW) on one process, not the DeepSpeed engine"
+                f"{init.summary()} | {d.steps} steps, micro-batch {micro}, lr {d.lr:g}, {fitted.extra['loss']}, "
+                f"through {fitted.engine.summary()}"
             )
             save_float(model, tokenizer, directory)
         else:
@@ -342,7 +361,7 @@ def compress(
         log(f"compress: step {i} {kind}: {report}")
         model, _, _ = load_any(directory)  # every row measures the model as it loads from disk
         evaluation = evaluate(model, directory, f"step {i} ({kind})")
-        records.append(StepRecord(kind, method, directory, evaluation, report, time.time() - began))
+        records.append(StepRecord(kind, method, directory, evaluation, report, time.time() - began, training))
 
     return _finish(records, spec, out_dir, output, log)
 
@@ -405,6 +424,7 @@ def _finish(
                 "method": r.method,
                 "report": r.report,
                 "seconds": round(r.seconds, 2),
+                "training": r.training,
                 "model": str(r.model_dir),
                 "evaluation": r.evaluation.to_dict(),
             }
@@ -416,6 +436,7 @@ def _finish(
         "torch": torch.__version__,
     }
     (out_dir / "results.json").write_text(json.dumps(document, indent=2) + "\n")
+    write_termination_message({k: document.get(k) for k in ("results", "compression_ratio", "perplexity_change")})
     (out_dir / "results.md").write_text(markdown)
     bar_chart(results, out_dir / "results.png")
     names = ["results.json", "results.md", "results.png", "model", "steps"]
