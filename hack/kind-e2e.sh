@@ -17,8 +17,12 @@ CLUSTER="${CLUSTER:-lmforge}"
 TIMEOUT="${TIMEOUT:-1800}"
 VERSION="$(python3 -c 'import re,sys; print(re.search(r"^version = \"([^\"]+)\"", open("pyproject.toml").read(), re.M).group(1))')"
 OPERATOR_IMAGE="ghcr.io/lmforge/operator:${VERSION}"
-# The CRDs default spec.resources.image to this tag, so the quickstart needs no image field.
-TRAINER_IMAGE="ghcr.io/lmforge/trainer:${VERSION}"
+# A local CPU build, handed to the operator through the chart's trainer.image values (jobs without
+# spec.resources.image run it), so the quickstart needs no image field and nothing is pulled.
+TRAINER_REGISTRY=localhost
+TRAINER_REPOSITORY=lmforge/trainer
+TRAINER_TAG="${VERSION}-cpu"
+TRAINER_IMAGE="${TRAINER_REGISTRY}/${TRAINER_REPOSITORY}:${TRAINER_TAG}"
 NAMESPACE=lmforge-system
 
 for tool in docker kind kubectl helm python3; do
@@ -52,7 +56,9 @@ echo "== loading images"
 kind load docker-image --name "$CLUSTER" "$OPERATOR_IMAGE" "$TRAINER_IMAGE"
 
 echo "== installing the chart"
-helm upgrade --install lmforge charts/lmforge --namespace "$NAMESPACE" --create-namespace --wait --timeout 5m
+helm upgrade --install lmforge charts/lmforge --namespace "$NAMESPACE" --create-namespace --wait --timeout 5m \
+  --set trainer.image.registry="$TRAINER_REGISTRY" --set trainer.image.repository="$TRAINER_REPOSITORY" \
+  --set trainer.image.tag="$TRAINER_TAG" --set trainer.image.pullPolicy=Never
 kubectl get crd trainingjobs.lmforge.dev compressionjobs.lmforge.dev
 
 echo "== submitting the quickstart"

@@ -37,8 +37,20 @@ GRAFANA_VARIABLES = {
 }
 
 _KEYWORDS = {
-    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool",
-    "inf", "nan", "le",
+    "and",
+    "or",
+    "unless",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "inf",
+    "nan",
+    "le",
 }
 
 
@@ -100,7 +112,7 @@ def metric_names(expr: str) -> set[str]:
     text = re.sub(r"\boffset\s+\w+", "", text)
     names = set()
     for match in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", text):
-        following = text[match.end():].lstrip()
+        following = text[match.end() :].lstrip()
         word = match.group()
         if following.startswith("(") or word in _KEYWORDS:
             continue  # a function call or an operator
@@ -118,18 +130,26 @@ class Prometheus:
         self.directory = directory
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-                  "scrape_configs": jobs}
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": jobs,
+        }
         (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = (directory / "prometheus.log").open("w")
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Prometheus:
         self.process = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={self.directory / 'prometheus.yml'}",
-             f"--storage.tsdb.path={self.directory / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
-             "--storage.tsdb.retention.time=1h", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                PROMETHEUS,
+                f"--config.file={self.directory / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1h",
+                "--log.level=warn",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime
 import json
 import os
@@ -87,6 +88,32 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_SERVING: contextvars.ContextVar[Any] = contextvars.ContextVar("lmforge_kmock_request")
+
+
+class _OnlyTheRequestBeingServed(list):  # type: ignore[type-arg]
+    """kmock's request log as its reaction matching sees it: just the request being served.
+
+    kmock decides which reaction serves a request by scanning its whole request log once per
+    reaction (``request in reaction``), which costs O(requests) per request: quadratic overall,
+    and the emulator's main cost when a hundred jobs are in flight. Each request is served in its
+    own asyncio task, so a context variable tells which one is being matched. The log keeps only a
+    count (kmock numbers requests by it); :attr:`Cluster.served` is the history tests read.
+    """
+
+    count = 0
+
+    def append(self, request: Any) -> None:
+        self.count += 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Any]:
+        request = _SERVING.get(None)
+        return iter(() if request is None else (request,))
+
+
 class Cluster(kmock.KubernetesEmulator):
     """The emulator plus uid/resourceVersion/generation stamping, owner GC and pod logs."""
 
@@ -95,21 +122,15 @@ class Cluster(kmock.KubernetesEmulator):
         self._version = 0
         self.served: list[tuple[str, str, str]] = []
         """(method, path, user agent) of every request: kmock's own history is trimmed, see _handle."""
-        self._inflight: set[int] = set()
+        self._requests = _OnlyTheRequestBeingServed()
         self.logs: dict[tuple[str, str], str] = {}
         for key, info in RESOURCES.items():
             self.resources[key] = kmock.ResourceInfo(verbs=VERBS, **info)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
-        # kmock matches each request against its reactions by scanning the whole request history
-        # (O(all requests) per request, quadratic overall); keep only the requests in flight.
         self.served.append((str(request.method), str(request.url.path), request.headers.get("User-Agent", "")))
-        self._inflight.add(id(request))
-        self._requests[:] = [r for r in self._requests if id(r) in self._inflight]
-        try:
-            return await self._handle_tracked(request)
-        finally:
-            self._inflight.discard(id(request))
+        _SERVING.set(request)  # this request's own task: see _OnlyTheRequestBeingServed
+        return await self._handle_tracked(request)
 
     async def _handle_tracked(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None and request.subresource == "log" and request.name:
@@ -118,8 +139,11 @@ class Cluster(kmock.KubernetesEmulator):
         if request.resource is not None and request.action in (enums.action.CREATE, enums.action.UPDATE):
             self._stamp(request)
         deleted_uid = None
-        if request.resource is not None and request.action in (enums.action.DELETE, enums.action.UPDATE) \
-                and request.name:
+        if (
+            request.resource is not None
+            and request.action in (enums.action.DELETE, enums.action.UPDATE)
+            and request.name
+        ):
             current = self._find(request)
             deleted_uid = (current or {}).get("metadata", {}).get("uid")
         try:
@@ -156,7 +180,8 @@ class Cluster(kmock.KubernetesEmulator):
             events = [
                 {"type": "ADDED", "object": obj.raw}
                 for (resource, namespace, name), obj in list(self.objects.items())
-                if not obj.deleted and self._matches(request, resource, namespace, name)
+                if not obj.deleted
+                and self._matches(request, resource, namespace, name)
                 and int(obj.raw.get("metadata", {}).get("resourceVersion") or 0) > since_version
             ]
         try:
@@ -273,8 +298,9 @@ class ClusterThread:
             self.cluster = cluster
             self.url = f"http://127.0.0.1:{server.port}"
             for ns in self.namespaces:  # Kopf starts watching a namespace only once it exists
-                await server.client.post("/api/v1/namespaces", json={
-                    "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+                await server.client.post(
+                    "/api/v1/namespaces", json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+                )
             self._ready.set()
             await self._stop.wait()
 
@@ -310,7 +336,9 @@ class ClusterThread:
                     "kind": "Config",
                     "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
                     "users": [{"name": "test", "user": {"token": "test"}}],
-                    "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test", "namespace": "default"}}],
+                    "contexts": [
+                        {"name": "kmock", "context": {"cluster": "kmock", "user": "test", "namespace": "default"}}
+                    ],
                     "current-context": "kmock",
                 }
             )
@@ -447,8 +475,13 @@ class Kubelet:
                     "labels": labels,
                     "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
                     "ownerReferences": [
-                        {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
-                         "uid": job["metadata"]["uid"], "controller": True}
+                        {
+                            "apiVersion": "batch/v1",
+                            "kind": "Job",
+                            "name": job["metadata"]["name"],
+                            "uid": job["metadata"]["uid"],
+                            "controller": True,
+                        }
                     ],
                 },
                 "spec": {**template["spec"], "nodeName": node},
@@ -456,7 +489,9 @@ class Kubelet:
                     "phase": "Running",
                     "podIP": pod_ip,
                     "conditions": [{"type": "Ready", "status": "True"}],
-                    "containerStatuses": [{"name": "trainer", "ready": True, "state": {"running": {"startedAt": _now()}}}],
+                    "containerStatuses": [
+                        {"name": "trainer", "ready": True, "state": {"running": {"startedAt": _now()}}}
+                    ],
                 },
             }
             self.api.call("POST", f"/api/v1/namespaces/{ns}/pods", pod)
@@ -468,42 +503,77 @@ class Kubelet:
         )
         return names
 
-    def terminate(self, job: dict[str, Any], index: int, exit_code: int, reason: str = "Error",
-                  pod_reason: str | None = None) -> None:
-        """Pod ``index`` ends with ``exit_code``; non-zero fails the Job (backoffLimit 0)."""
+    def terminate(
+        self,
+        job: dict[str, Any],
+        index: int,
+        exit_code: int,
+        reason: str = "Error",
+        pod_reason: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        """Pod ``index`` ends with ``exit_code`` (and ``message``, what the kubelet copies from the
+        container's terminationMessagePath); non-zero fails the Job (backoffLimit 0)."""
         ns = job["metadata"]["namespace"]
         name = job["metadata"]["name"]
-        pod = next(p for p in self.api.pods(ns, **{"job-name": name})
-                   if p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == str(index))
+        pod = next(
+            p
+            for p in self.api.pods(ns, **{"job-name": name})
+            if p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == str(index)
+        )
         phase = "Succeeded" if exit_code == 0 else "Failed"
         status: dict[str, Any] = {
             "phase": phase,
             "conditions": [{"type": "Ready", "status": "False"}],
             "containerStatuses": [
-                {"name": "trainer", "ready": False,
-                 "state": {"terminated": {"exitCode": exit_code, "reason": reason, "finishedAt": _now()}}}
+                {
+                    "name": "trainer",
+                    "ready": False,
+                    "state": {"terminated": {"exitCode": exit_code, "reason": reason, "finishedAt": _now()}},
+                }
             ],
         }
         if pod_reason:
             status["reason"] = pod_reason
+        if message is not None:
+            status["containerStatuses"][0]["state"]["terminated"]["message"] = message
         self.api.call("PATCH", f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}/status", {"status": status})
         if exit_code != 0:
             self.api.call(
-                "PATCH", f"/apis/batch/v1/namespaces/{ns}/jobs/{name}/status",
-                {"status": {"active": 0, "failed": 1, "conditions": [
-                    {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-                     "message": "Job has reached the specified backoff limit"}]}},
+                "PATCH",
+                f"/apis/batch/v1/namespaces/{ns}/jobs/{name}/status",
+                {
+                    "status": {
+                        "active": 0,
+                        "failed": 1,
+                        "conditions": [
+                            {
+                                "type": "Failed",
+                                "status": "True",
+                                "reason": "BackoffLimitExceeded",
+                                "message": "Job has reached the specified backoff limit",
+                            }
+                        ],
+                    }
+                },
             )
 
-    def succeed(self, job: dict[str, Any]) -> None:
-        """Every pod exits 0 and the Job completes."""
+    def succeed(self, job: dict[str, Any], message: str | None = None) -> None:
+        """Every pod exits 0 (with termination ``message``) and the Job completes."""
         ns = job["metadata"]["namespace"]
         for index in range(job["spec"]["completions"]):
-            self.terminate(job, index, 0, reason="Completed")
+            self.terminate(job, index, 0, reason="Completed", message=message)
         self.api.call(
-            "PATCH", f"/apis/batch/v1/namespaces/{ns}/jobs/{job['metadata']['name']}/status",
-            {"status": {"active": 0, "succeeded": job["spec"]["completions"], "completionTime": _now(),
-                        "conditions": [{"type": "Complete", "status": "True"}]}},
+            "PATCH",
+            f"/apis/batch/v1/namespaces/{ns}/jobs/{job['metadata']['name']}/status",
+            {
+                "status": {
+                    "active": 0,
+                    "succeeded": job["spec"]["completions"],
+                    "completionTime": _now(),
+                    "conditions": [{"type": "Complete", "status": "True"}],
+                }
+            },
         )
 
 

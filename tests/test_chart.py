@@ -107,7 +107,9 @@ def test_chart_crds_are_the_generated_ones(chart: Any) -> None:
     files = {k.file_name for k in KIND_DEFINITIONS}
     assert set(chart_crds) == files
     for definition in KIND_DEFINITIONS:
-        assert (CHART / "crds" / definition.file_name).read_bytes() == (REPO / "crds" / definition.file_name).read_bytes()
+        assert (CHART / "crds" / definition.file_name).read_bytes() == (
+            REPO / "crds" / definition.file_name
+        ).read_bytes()
         assert chart_crds[definition.file_name] == render_crd(definition), "run `lmforge crds`"
 
 
@@ -121,7 +123,10 @@ def test_defaults_render_no_monitoring_objects(chart: Any) -> None:
 # The subset of the Prometheus Operator CRDs (monitoring.coreos.com/v1) the chart writes; unknown
 # keys are errors, as with kubectl's strict field validation.
 _STR = {"type": "string"}
-_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+}
 _LABELS = {"type": "object", "additionalProperties": _STR}
 _RELABEL = {
     "type": "object",
@@ -139,53 +144,124 @@ _RELABEL = {
 _SELECTOR = {
     "type": "object",
     "additionalProperties": False,
-    "properties": {"matchLabels": _LABELS, "matchExpressions": {"type": "array", "items": {
-        "type": "object", "required": ["key", "operator"], "additionalProperties": False,
-        "properties": {"key": _STR, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
-                       "values": {"type": "array", "items": _STR}}}}},
+    "properties": {
+        "matchLabels": _LABELS,
+        "matchExpressions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["key", "operator"],
+                "additionalProperties": False,
+                "properties": {
+                    "key": _STR,
+                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"type": "array", "items": _STR},
+                },
+            },
+        },
+    },
 }
-_NS_SELECTOR = {"type": "object", "additionalProperties": False,
-                "properties": {"any": {"type": "boolean"}, "matchNames": {"type": "array", "items": _STR}}}
+_NS_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"any": {"type": "boolean"}, "matchNames": {"type": "array", "items": _STR}},
+}
 _ENDPOINT = {
     "type": "object",
     "required": ["port"],
     "additionalProperties": False,
     "properties": {
-        "port": _STR, "path": _STR, "interval": _DURATION, "scrapeTimeout": _DURATION,
+        "port": _STR,
+        "path": _STR,
+        "interval": _DURATION,
+        "scrapeTimeout": _DURATION,
         "honorLabels": {"type": "boolean"},
         "relabelings": {"type": "array", "items": _RELABEL},
         "metricRelabelings": {"type": "array", "items": _RELABEL},
     },
 }
+# In the PodMonitor CRD the port is optional (prometheus-operator then targets every declared
+# container port, which the chart narrows with a keep relabeling).
+_POD_ENDPOINT = {**_ENDPOINT, "required": []}
 _RULE = {
     "type": "object",
     "required": ["expr"],
     "additionalProperties": False,
     "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
-    "properties": {"alert": _STR, "record": _STR, "expr": _STR, "for": _DURATION,
-                   "labels": _LABELS, "annotations": _LABELS},
+    "properties": {
+        "alert": _STR,
+        "record": _STR,
+        "expr": _STR,
+        "for": _DURATION,
+        "labels": _LABELS,
+        "annotations": _LABELS,
+    },
 }
 _META = {"type": "object", "required": ["name", "namespace", "labels"], "properties": {"labels": _LABELS}}
 
 
 def _cr(spec: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
-            "properties": {"apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": _STR, "metadata": _META,
-                           "spec": spec}}
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": _STR,
+            "metadata": _META,
+            "spec": spec,
+        },
+    }
 
 
 MONITORING_SCHEMAS = {
-    "ServiceMonitor": _cr({"type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
-                           "properties": {"selector": _SELECTOR, "namespaceSelector": _NS_SELECTOR,
-                                          "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}}}),
-    "PodMonitor": _cr({"type": "object", "required": ["selector", "podMetricsEndpoints"], "additionalProperties": False,
-                       "properties": {"selector": _SELECTOR, "namespaceSelector": _NS_SELECTOR,
-                                      "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}}}),
-    "PrometheusRule": _cr({"type": "object", "required": ["groups"], "additionalProperties": False, "properties": {
-        "groups": {"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["name", "rules"], "additionalProperties": False,
-            "properties": {"name": _STR, "interval": _DURATION,
-                           "rules": {"type": "array", "minItems": 1, "items": _RULE}}}}}}),
+    "ServiceMonitor": _cr(
+        {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": _SELECTOR,
+                "namespaceSelector": _NS_SELECTOR,
+                "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
+            },
+        }
+    ),
+    "PodMonitor": _cr(
+        {
+            "type": "object",
+            "required": ["selector", "podMetricsEndpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": _SELECTOR,
+                "namespaceSelector": _NS_SELECTOR,
+                "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _POD_ENDPOINT},
+            },
+        }
+    ),
+    "PrometheusRule": _cr(
+        {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": _STR,
+                            "interval": _DURATION,
+                            "rules": {"type": "array", "minItems": 1, "items": _RULE},
+                        },
+                    },
+                }
+            },
+        }
+    ),
 }
 
 
@@ -213,7 +289,9 @@ def test_every_rendered_object_is_valid(chart: Any, name: str) -> None:
 
 def test_namespace_override_moves_every_namespaced_object(chart: Any) -> None:
     objects = render(chart, {**ALL_MONITORING, "namespaceOverride": "ops"})
-    namespaces = {o["metadata"].get("namespace") for o in objects if o["kind"] not in ("ClusterRole", "ClusterRoleBinding")}
+    namespaces = {
+        o["metadata"].get("namespace") for o in objects if o["kind"] not in ("ClusterRole", "ClusterRoleBinding")
+    }
     assert namespaces == {"ops"}
     binding = one(objects, "ClusterRoleBinding")
     assert binding["subjects"][0]["namespace"] == "ops"
@@ -246,6 +324,39 @@ def test_operator_deployment(chart: Any) -> None:
     assert probe == {"path": "/healthz", "port": "health"}
 
 
+def test_trainer_image_values_reach_the_operator(chart: Any, monkeypatch: Any) -> None:
+    """trainer.image becomes the operator's LMFORGE_TRAINER_IMAGE*, which it reads at startup."""
+    from lmforge import __version__
+    from lmforge.api.common import DEFAULT_TRAINER_IMAGE
+    from lmforge.operator.main import trainer_defaults_from_env
+
+    def env_of(values: dict[str, Any]) -> dict[str, str]:
+        container = one(render(chart, values), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value") for e in container["env"]}
+
+    env = env_of({})
+    assert env["LMFORGE_TRAINER_IMAGE"] == f"ghcr.io/lmforge/trainer:{__version__}" == DEFAULT_TRAINER_IMAGE
+    assert env["LMFORGE_TRAINER_IMAGE_PULL_POLICY"] == "IfNotPresent"
+    env = env_of(
+        {
+            "trainer": {
+                "image": {
+                    "registry": "registry.local:5000",
+                    "repository": "ml/trainer",
+                    "tag": "2.0-cpu",
+                    "pullPolicy": "Always",
+                }
+            }
+        }
+    )
+    assert env["LMFORGE_TRAINER_IMAGE"] == "registry.local:5000/ml/trainer:2.0-cpu"
+    for key in ("LMFORGE_TRAINER_IMAGE", "LMFORGE_TRAINER_IMAGE_PULL_POLICY"):
+        monkeypatch.setenv(key, env[key])
+    defaults = trainer_defaults_from_env()
+    assert (defaults.image, defaults.pull_policy) == ("registry.local:5000/ml/trainer:2.0-cpu", "Always")
+    assert env_of({"trainer": {"image": {"registry": ""}}})["LMFORGE_TRAINER_IMAGE"] == f"lmforge/trainer:{__version__}"
+
+
 @pytest.mark.parametrize("name", list(VALUE_SETS))
 def test_operator_command_line_is_accepted_by_lmforge_operator(chart: Any, name: str, monkeypatch: Any) -> None:
     """The rendered args parse with the real `lmforge operator` command (its runner is stubbed)."""
@@ -259,7 +370,7 @@ def test_operator_command_line_is_accepted_by_lmforge_operator(chart: Any, name:
     container = one(render(chart, VALUE_SETS[name]), "Deployment")["spec"]["template"]["spec"]["containers"][0]
     result = CliRunner().invoke(app, ["operator", *container["args"]])
     assert result.exit_code == 0, result.output
-    (args, kwargs), = calls
+    ((args, kwargs),) = calls
     namespaces, metrics_port, liveness = args
     assert namespaces == VALUE_SETS[name].get("watchNamespaces", [])
     assert metrics_port == 9402 and liveness == "http://0.0.0.0:8080/healthz"
@@ -299,19 +410,21 @@ def expand(spec: dict[tuple[str, str], str]) -> set[tuple[str, str, str]]:
 # What the operator's code calls (lmforge/operator/kube.py, handlers.py, reconcile.py) plus Kopf's
 # own needs. tests: test_rbac_is_what_the_operator_uses_against_the_emulator checks it against
 # the requests the real operator makes.
-JOB_RULES = expand({
-    ("lmforge.dev", "trainingjobs"): "list watch patch delete",  # Kopf; delete = TTL
-    ("lmforge.dev", "compressionjobs"): "list watch patch delete",
-    ("lmforge.dev", "trainingjobs/status"): "patch",
-    ("lmforge.dev", "compressionjobs/status"): "patch",
-    ("", "configmaps"): "get create patch",  # Kube.ensure (GET after 409), patched on spec change
-    ("", "services"): "get create",
-    ("batch", "jobs"): "get list watch create delete",  # Kube.ensure, Kopf index, attempt replaced
-    ("", "pods"): "list watch",  # Kopf index
-    ("", "pods/log"): "get",  # Kube.pod_log_tail
-    ("", "events"): "create",  # kopf.warn
-    ("scheduling.volcano.sh", "podgroups"): "get create",  # Kube.ensure
-})
+JOB_RULES = expand(
+    {
+        ("lmforge.dev", "trainingjobs"): "list watch patch delete",  # Kopf; delete = TTL
+        ("lmforge.dev", "compressionjobs"): "list watch patch delete",
+        ("lmforge.dev", "trainingjobs/status"): "patch",
+        ("lmforge.dev", "compressionjobs/status"): "patch",
+        ("", "configmaps"): "get create patch",  # Kube.ensure (GET after 409), patched on spec change
+        ("", "services"): "get create",
+        ("batch", "jobs"): "get list watch create delete",  # Kube.ensure, Kopf index, attempt replaced
+        ("", "pods"): "list watch",  # Kopf index
+        ("", "pods/log"): "get",  # Kube.pod_log_tail
+        ("", "events"): "create",  # kopf.warn
+        ("scheduling.volcano.sh", "podgroups"): "get create",  # Kube.ensure
+    }
+)
 KOPF_SCANNING = expand({("apiextensions.k8s.io", "customresourcedefinitions"): "list watch"})
 NAMESPACE_SCANNING = expand({("", "namespaces"): "list watch"})
 PEERING = {"get", "list", "watch", "patch"}
@@ -333,8 +446,10 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(chart: Any) -> None
     objects = render(chart)
     assert by_kind(objects, "Role") == []
     assert rules_of(objects, "ClusterRole") == JOB_RULES | KOPF_SCANNING
-    peering = render(chart, {"operator": {"peering": {"enabled": True}}, "volcano": {"enabled": False},
-                             "rbac": {"kopfScanning": False}})
+    peering = render(
+        chart,
+        {"operator": {"peering": {"enabled": True}}, "volcano": {"enabled": False}, "rbac": {"kopfScanning": False}},
+    )
     expected = {r for r in JOB_RULES if r[0] != "scheduling.volcano.sh"}
     assert rules_of(peering, "ClusterRole") == expected | {("kopf.dev", "clusterkopfpeerings", v) for v in PEERING}
 
@@ -397,8 +512,14 @@ def test_rbac_is_what_the_operator_uses_against_the_emulator(chart: Any) -> None
         kubelet = Kubelet(api)
         api.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         with OperatorThread(cluster.configuration(), namespaces=[ns], poll_interval=0.05, progress_interval=0.05):
-            api.create_tj(training_job("rb", ns, scheduling={"schedulerName": "volcano", "gang": True},
-                                       runPolicy={"ttlSecondsAfterFinished": 1, "backoffLimit": 2}))
+            api.create_tj(
+                training_job(
+                    "rb",
+                    ns,
+                    scheduling={"schedulerName": "volcano", "gang": True},
+                    runPolicy={"ttlSecondsAfterFinished": 1, "backoffLimit": 2},
+                )
+            )
             job = wait_for(lambda: api.job(ns, "rb-a0"), what="first attempt")
             kubelet.start(job)
             kubelet.terminate(api.job(ns, "rb-a0"), 0, 1)
@@ -413,13 +534,24 @@ def test_rbac_is_what_the_operator_uses_against_the_emulator(chart: Any) -> None
             api.create_tj(training_job("change", ns))
             wait_for(lambda: api.job(ns, "change-a0"), what="change-a0")
             api.patch_tj(ns, "change", {"spec": {"training": {"maxSteps": 200}}})
-            wait_for(lambda: "maxSteps: 200" in api.get(f"/api/v1/namespaces/{ns}/configmaps/change-config")["data"]["job.yaml"],
-                     what="ConfigMap patched")
+            wait_for(
+                lambda: (
+                    "maxSteps: 200" in api.get(f"/api/v1/namespaces/{ns}/configmaps/change-config")["data"]["job.yaml"]
+                ),
+                what="ConfigMap patched",
+            )
 
-            cj = {"apiVersion": "lmforge.dev/v1alpha1", "kind": "CompressionJob",
-                  "metadata": {"name": "shrink", "namespace": ns},
-                  "spec": {"model": {"uri": "s3://runs/base/model"}, "steps": [{"quantize": {"method": "int8-dynamic"}}],
-                           "output": {"uri": "s3://runs/shrink"}, "runPolicy": {"ttlSecondsAfterFinished": 1}}}
+            cj = {
+                "apiVersion": "lmforge.dev/v1alpha1",
+                "kind": "CompressionJob",
+                "metadata": {"name": "shrink", "namespace": ns},
+                "spec": {
+                    "model": {"uri": "s3://runs/base/model"},
+                    "steps": [{"quantize": {"method": "int8-dynamic"}}],
+                    "output": {"uri": "s3://runs/shrink"},
+                    "runPolicy": {"ttlSecondsAfterFinished": 1},
+                },
+            }
             api.create_tj(cj, kind="compressionjobs")
             job = wait_for(lambda: api.job(ns, "shrink-compress-a0"), what="compression Job")
             kubelet.start(job)
@@ -457,21 +589,37 @@ def test_podmonitor_selects_the_pods_the_operator_creates(chart: Any) -> None:
     assert not problems
     template = children.training_job(manifest, attempt=0)["spec"]["template"]
     labels = template["metadata"]["labels"]
-    for name, values in (("everything-on", VALUE_SETS["everything-on"]),
-                         ("namespaced", VALUE_SETS["namespaced-everything-on"])):
+    for name, values in (
+        ("everything-on", VALUE_SETS["everything-on"]),
+        ("namespaced", VALUE_SETS["namespaced-everything-on"]),
+    ):
         monitor = one(render(chart, values), "PodMonitor")["spec"]
         selector = monitor["selector"]
         assert set(selector["matchLabels"].items()) <= set(labels.items()), name
         for expression in selector["matchExpressions"]:
             assert expression["operator"] == "Exists" and expression["key"] in labels, name
         (endpoint,) = monitor["podMetricsEndpoints"]
+        # No port: every declared container port is a target; the first relabeling keeps those of
+        # the trainer's local ranks (Prometheus anchors the regex: fullmatch).
+        assert "port" not in endpoint and "portNumber" not in endpoint
+        keep = endpoint["relabelings"][0]
+        assert keep["action"] == "keep" and keep["sourceLabels"] == ["__meta_kubernetes_pod_container_port_name"]
         ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
-        assert endpoint["port"] in ports and ports[endpoint["port"]] == manifest.spec.metrics.port
+        scraped = {n: p for n, p in ports.items() if re.fullmatch(keep["regex"], n)}
+        per_pod = manifest.spec.resources.processes
+        assert sorted(scraped.values()) == [manifest.spec.metrics.port + r for r in range(per_pod)], "every local rank"
+        assert scraped["metrics"] == manifest.spec.metrics.port, "rank 0 keeps the name the Service uses"
         # The trainer's own job/namespace labels must win over Prometheus' target labels.
         assert endpoint["honorLabels"] is True
-        attempt = endpoint["relabelings"][0]
+        attempt = endpoint["relabelings"][1]
         sanitized = "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", children.LABEL_ATTEMPT)
         assert attempt == {"sourceLabels": [sanitized], "targetLabel": "attempt"}
+        gpu = manifest.model_copy(deep=True)
+        gpu.spec.resources.gpus_per_node = gpu.spec.resources.processes_per_node = 8
+        gpu_ports = children.training_job(gpu, attempt=0)["spec"]["template"]["spec"]["containers"][0]["ports"]
+        scraped = {p["containerPort"] for p in gpu_ports if re.fullmatch(keep["regex"], p["name"])}
+        base = manifest.spec.metrics.port
+        assert scraped == {base + rank for rank in range(8)}, "8 GPUs: 8 ranks, metrics on port + local rank"
         if name == "namespaced":
             assert monitor["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
         else:
@@ -493,8 +641,13 @@ def test_servicemonitor_without_service_fails_clearly(chart: Any) -> None:
         render(chart, {"serviceMonitor": {"enabled": True}, "metrics": {"service": {"enabled": False}}})
 
 
-ALERTS = {"LmforgeJobFailed", "LmforgeJobStalled", "LmforgeRestartsClimbing",
-          "LmforgeTokensPerSecondCollapsed", "LmforgeCheckpointTooOld"}
+ALERTS = {
+    "LmforgeJobFailed",
+    "LmforgeJobStalled",
+    "LmforgeRestartsClimbing",
+    "LmforgeTokensPerSecondCollapsed",
+    "LmforgeCheckpointTooOld",
+}
 
 
 def test_prometheusrule_has_the_alerts(chart: Any) -> None:
@@ -506,8 +659,18 @@ def test_prometheusrule_has_the_alerts(chart: Any) -> None:
         assert alerts[name]["labels"] == {"severity": "warning", "team": "ml"}
         assert alerts[name]["annotations"]["summary"] and alerts[name]["annotations"]["description"]
     assert "lmforge_checkpoint_last_timestamp_seconds" in alerts["LmforgeCheckpointTooOld"]["expr"]
-    only = one(render(chart, {"prometheusRule": {"enabled": True, "alerts": {
-        "jobFailed": {"enabled": False}, "restartsClimbing": {"threshold": 7, "window": "2h"}}}}), "PrometheusRule")
+    only = one(
+        render(
+            chart,
+            {
+                "prometheusRule": {
+                    "enabled": True,
+                    "alerts": {"jobFailed": {"enabled": False}, "restartsClimbing": {"threshold": 7, "window": "2h"}},
+                }
+            },
+        ),
+        "PrometheusRule",
+    )
     alerts = {r["alert"]: r for g in only["spec"]["groups"] for r in g["rules"]}
     assert "LmforgeJobFailed" not in alerts
     assert alerts["LmforgeRestartsClimbing"]["expr"].strip() == "sum(increase(lmforge_operator_restarts_total[2h])) > 7"
@@ -530,8 +693,20 @@ def test_grafana_dashboard_configmap(chart: Any) -> None:
     panels = [p for p in board["panels"] if p["type"] != "row"]
     assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
     titles = {p["title"] for p in panels}
-    for wanted in ("Jobs by phase", "Progress", "Loss", "Learning rate", "Tokens/s per rank", "MFU", "Data wait",
-                   "Checkpoint age", "Checkpoint duration", "Gang restarts", "Attempts", "Reconcile latency"):
+    for wanted in (
+        "Jobs by phase",
+        "Progress",
+        "Loss",
+        "Learning rate",
+        "Tokens/s per rank",
+        "MFU",
+        "Data wait",
+        "Checkpoint age",
+        "Checkpoint duration",
+        "Gang restarts",
+        "Attempts",
+        "Reconcile latency",
+    ):
         assert wanted in titles, wanted
     for panel in panels:
         assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
@@ -548,19 +723,38 @@ def test_grafana_dashboard_configmap(chart: Any) -> None:
 
 BAD_VALUES = [
     ({"replicaCount": 2}, "additional properties 'replicaCount' not allowed"),
-    ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'"),
+    (
+        {"image": {"pullPolicy": "Sometimes"}},
+        "/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'",
+    ),
     ({"image": {"digest": "latest"}}, "/image/digest"),
+    (
+        {"trainer": {"image": {"pullPolicy": "Sometimes"}}},
+        "/trainer/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'",
+    ),
+    ({"trainer": {"image": {"tag": "v1 beta"}}}, "/trainer/image/tag'"),
     ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0': 'Team_A' does not match pattern"),
     ({"watchNamespaces": "team-a"}, "/watchNamespaces': got string, want array"),
     ({"metrics": {"port": 70000}}, "/metrics/port': maximum: got 70,000, want 65,535"),
     ({"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled': got string, want boolean"),
     ({"serviceMonitor": {"interval": "30 seconds"}}, "/serviceMonitor/interval'"),
-    ({"prometheusRule": {"alerts": {"jobStalled": {"window": "half an hour"}}}}, "/prometheusRule/alerts/jobStalled/window'"),
-    ({"prometheusRule": {"alerts": {"tokensPerSecondCollapsed": {"ratio": 1.5}}}},
-     "/prometheusRule/alerts/tokensPerSecondCollapsed/ratio': exclusiveMaximum"),
-    ({"prometheusRule": {"alerts": {"jobFailed": {"severity": "page-me"}}}}, "/prometheusRule/alerts/jobFailed/severity'"),
+    (
+        {"prometheusRule": {"alerts": {"jobStalled": {"window": "half an hour"}}}},
+        "/prometheusRule/alerts/jobStalled/window'",
+    ),
+    (
+        {"prometheusRule": {"alerts": {"tokensPerSecondCollapsed": {"ratio": 1.5}}}},
+        "/prometheusRule/alerts/tokensPerSecondCollapsed/ratio': exclusiveMaximum",
+    ),
+    (
+        {"prometheusRule": {"alerts": {"jobFailed": {"severity": "page-me"}}}},
+        "/prometheusRule/alerts/jobFailed/severity'",
+    ),
     ({"operator": {"peering": {"enabeld": True}}}, "additional properties 'enabeld' not allowed"),
-    ({"grafanaDashboard": {"labels": {"grafana_dashboard": 1}}}, "/grafanaDashboard/labels/grafana_dashboard': got number, want string"),
+    (
+        {"grafanaDashboard": {"labels": {"grafana_dashboard": 1}}},
+        "/grafanaDashboard/labels/grafana_dashboard': got number, want string",
+    ),
 ]
 
 
@@ -607,8 +801,58 @@ def test_every_value_is_documented() -> None:
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", path.read_text())
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
-            for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rule for one relative path: the last matching pattern wins, ``!``
+    re-includes, a pattern matching a parent directory matches everything below it, ``**`` spans
+    directories (enough for the patterns lmforge uses)."""
+    ignored = False
+    parts = path.split("/")
+    for raw in patterns:
+        negate = raw.startswith("!")
+        pattern = raw[1:] if negate else raw
+        regex = re.escape(pattern.strip("/")).replace(r"\*\*/", "(?:.*/)?").replace(r"\*", "[^/]*")
+        if any(re.fullmatch(regex, "/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_keeps_the_build_context_to_what_the_images_copy() -> None:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    sources = set()
+    for dockerfile in (REPO / "operator" / "Dockerfile", REPO / "trainer" / "Dockerfile"):
+        for op, arg in _instructions(dockerfile):
+            if op == "COPY" and "--from=" not in arg:
+                *copied, _ = [a for a in arg.split() if not a.startswith("--")]
+                sources.update(copied)
+    assert sources == {"pyproject.toml", "README.md", "lmforge", "examples"}
+    for source in sources:  # each COPY source, and what is inside it, reaches the build
+        assert not _dockerignored(source, patterns), source
+        for inner in (REPO / source).rglob("*.py") if (REPO / source).is_dir() else []:
+            rel = inner.relative_to(REPO).as_posix()
+            assert "__pycache__" in rel or not _dockerignored(rel, patterns), rel
+    assert not _dockerignored("examples/data/python-docs.txt", patterns)
+    for kept_out in (
+        ".git/config",
+        ".venv/bin/python",
+        "tests/test_chart.py",
+        "runs/quickstart/model.safetensors",
+        ".benchmarks/x.json",
+        "lmforge/__pycache__/cli.cpython-311.pyc",
+        "lmforge.egg-info/PKG-INFO",
+        ".pytest_cache/v/cache",
+        "bench/operator_throughput.py",
+        "kubeconfig",
+        "charts/lmforge/Chart.yaml",
+    ):
+        assert _dockerignored(kept_out, patterns), kept_out
 
 
 def test_operator_image_contract() -> None:

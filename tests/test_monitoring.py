@@ -33,28 +33,155 @@ from tests.monitoring_helpers import (
     rule_groups,
 )
 
-ALERTS = {"LmforgeJobFailed", "LmforgeJobStalled", "LmforgeRestartsClimbing",
-          "LmforgeTokensPerSecondCollapsed", "LmforgeCheckpointTooOld"}
+ALERTS = {
+    "LmforgeJobFailed",
+    "LmforgeJobStalled",
+    "LmforgeRestartsClimbing",
+    "LmforgeTokensPerSecondCollapsed",
+    "LmforgeCheckpointTooOld",
+}
 
 
 def test_metric_name_extraction() -> None:
-    assert metric_names('time() - max by (namespace, job) (lmforge_checkpoint_last_timestamp_seconds{job=~"$job"} > 0) > 7200') == {
-        "lmforge_checkpoint_last_timestamp_seconds"}
+    assert metric_names(
+        'time() - max by (namespace, job) (lmforge_checkpoint_last_timestamp_seconds{job=~"$job"} > 0) > 7200'
+    ) == {"lmforge_checkpoint_last_timestamp_seconds"}
     assert metric_names("histogram_quantile(0.99, sum by (le) (rate(x_bucket[5m])))") == {"x_bucket"}
-    assert metric_names("a and on (namespace, job) count by (namespace, job) (b offset 30m) < 0.5 * c") == {"a", "b", "c"}
+    assert metric_names("a and on (namespace, job) count by (namespace, job) (b offset 30m) < 0.5 * c") == {
+        "a",
+        "b",
+        "c",
+    }
     assert metric_names("sum(increase(lmforge_operator_restarts_total[1h])) > 3") == {"lmforge_operator_restarts_total"}
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason=MISSING)
 def test_promtool_check_rules(tmp_path: Path) -> None:
-    groups = rule_groups({"prometheusRule": {"enabled": True, "additionalRules": [
-        {"record": "lmforge:tokens_per_second:max", "expr": "max by (namespace, job) (lmforge_tokens_per_second)"}]}})
+    groups = rule_groups(
+        {
+            "prometheusRule": {
+                "enabled": True,
+                "additionalRules": [
+                    {
+                        "record": "lmforge:tokens_per_second:max",
+                        "expr": "max by (namespace, job) (lmforge_tokens_per_second)",
+                    }
+                ],
+            }
+        }
+    )
     assert {r.get("alert") for g in groups for r in g["rules"]} >= ALERTS
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
     result = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(ALERTS) + 1} rules found" in result.stdout
+
+
+def _series(name: str, values: str, **labels: str) -> dict[str, str]:
+    selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return {"series": f"{name}{{{selector}}}", "values": values}
+
+
+def _alert(at: str, name: str, *firing: dict[str, str]) -> dict[str, Any]:
+    """At ``at``, exactly the ``firing`` label sets of alert ``name`` (none: it must stay quiet)."""
+    return {
+        "eval_time": at,
+        "alertname": name,
+        "exp_alerts": [{"exp_labels": {"severity": "warning", **labels}} for labels in firing],
+    }
+
+
+STEP, TOTAL = "lmforge_train_step", "lmforge_train_total_steps"
+FAILED, RESTARTS = "lmforge_operator_jobs_failed_total", "lmforge_operator_restarts_total"
+TPS, CKPT = "lmforge_tokens_per_second", "lmforge_checkpoint_last_timestamp_seconds"
+# promtool unit tests for the five alerts at the chart's default thresholds (jobStalled 30m,
+# restarts > 3 in 1h, tokens/s < 0.5 x the 1h average for 10m, checkpoint older than 7200 s);
+# series at 1-minute resolution, promtool's clock starts at 0 (so time() is the eval time).
+ALERT_TESTS: list[dict[str, Any]] = [
+    {  # A failure counter that grows fires; so does one that just appeared; a flat one does not.
+        "input_series": [
+            _series(FAILED, "0x10 1x30", reason="BackoffLimitExceeded"),  # 0 -> 1 at minute 11
+            _series(FAILED, "_x9 1x30", reason="InvalidSpec"),  # first seen at minute 10
+            _series(FAILED, "2x60", reason="Stalled"),  # failed long ago, nothing new
+        ],
+        "alert_rule_test": [
+            _alert("20m", "LmforgeJobFailed", {"reason": "BackoffLimitExceeded"}, {"reason": "InvalidSpec"}),
+            _alert("40m", "LmforgeJobFailed"),
+        ],
+    },
+    {  # The step stops at minute 40 of 1000: stalled after the 30m window plus `for: 5m`.
+        "input_series": [
+            _series(STEP, "0+1x40 40x60", namespace="ml", job="stuck", rank="0"),
+            _series(TOTAL, "1000x100", namespace="ml", job="stuck", rank="0"),
+            _series(STEP, "0+1x100", namespace="ml", job="moving", rank="0"),
+            _series(TOTAL, "1000x100", namespace="ml", job="moving", rank="0"),
+            _series(STEP, "0+1x40 40x60", namespace="ml", job="done", rank="0"),  # finished: step == total
+            _series(TOTAL, "40x100", namespace="ml", job="done", rank="0"),
+        ],
+        "alert_rule_test": [
+            _alert("60m", "LmforgeJobStalled"),
+            _alert("72m", "LmforgeJobStalled"),  # stalled 32m, but not yet for 5m
+            _alert("80m", "LmforgeJobStalled", {"namespace": "ml", "job": "stuck"}),
+        ],
+    },
+    {  # Five restarts within the hour fire; two do not; the five are forgotten an hour later.
+        "input_series": [_series(RESTARTS, "0 1 2 3 4 5x80")],
+        "alert_rule_test": [_alert("10m", "LmforgeRestartsClimbing", {}), _alert("80m", "LmforgeRestartsClimbing")],
+    },
+    {
+        "input_series": [_series(RESTARTS, "0 1 2x60")],
+        "alert_rule_test": [_alert("10m", "LmforgeRestartsClimbing")],
+    },
+    {  # 1000 tokens/s for an hour, then 100 (slow) or a 5-minute dip (dip) or steady (steady).
+        "input_series": [
+            _series(TPS, "1000x60 100x60", namespace="ml", job="slow", rank="0"),
+            _series(TPS, "1000x60 100x5 1000x60", namespace="ml", job="dip", rank="0"),
+            _series(TPS, "1000x120", namespace="ml", job="steady", rank="0"),
+        ],
+        "alert_rule_test": [
+            _alert("60m", "LmforgeTokensPerSecondCollapsed"),
+            _alert("66m", "LmforgeTokensPerSecondCollapsed"),  # collapsed, not yet for 10m
+            _alert("75m", "LmforgeTokensPerSecondCollapsed", {"namespace": "ml", "job": "slow"}),
+        ],
+    },
+    {  # Last checkpoint at t=60s (old by minute 127), one every minute (fresh), none yet (0).
+        "input_series": [
+            _series(CKPT, "60x200", namespace="ml", job="old", rank="0"),
+            _series(CKPT, "60+60x200", namespace="ml", job="fresh", rank="0"),
+            _series(CKPT, "0x200", namespace="ml", job="none-yet", rank="0"),
+        ],
+        "alert_rule_test": [
+            _alert("121m", "LmforgeCheckpointTooOld"),  # 7200 s just passed, not yet for 5m
+            _alert("130m", "LmforgeCheckpointTooOld", {"namespace": "ml", "job": "old"}),
+        ],
+    },
+]
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason=MISSING)
+def test_promtool_unit_tests_fire_each_alert_only_when_it_should(tmp_path: Path) -> None:
+    """`promtool test rules` on the chart's rendered alerts (annotations left out: promtool compares
+    them verbatim, and `promtool check rules` above already checks their templates)."""
+    groups = rule_groups()
+    for group in groups:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    tested = {t["alertname"] for case in ALERT_TESTS for t in case["alert_rule_test"]}
+    assert tested == ALERTS, "every alert has a unit test"
+    for case in ALERT_TESTS:  # each alert is seen firing and seen quiet
+        case.setdefault("interval", "1m")
+    fires = {t["alertname"] for c in ALERT_TESTS for t in c["alert_rule_test"] if t["exp_alerts"]}
+    quiet = {t["alertname"] for c in ALERT_TESTS for t in c["alert_rule_test"] if not t["exp_alerts"]}
+    assert fires == quiet == ALERTS
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    tests = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": ALERT_TESTS}
+    (tmp_path / "alerts_test.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = subprocess.run(
+        [PROMTOOL, "test", "rules", "alerts_test.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
 
 
 TINY = {
@@ -64,10 +191,20 @@ TINY = {
     "spec": {
         "model": {"layers": 1, "width": 32, "heads": 2, "kvHeads": 1, "contextLength": 32},
         "tokenizer": {"vocabSize": 300},
-        "data": {"sources": [f"file://{REPO}/examples/data/python-docs.txt"], "format": "text",
-                 "validationFraction": 0.05},
-        "training": {"maxSteps": 2000, "microBatchSize": 4, "precision": "fp32", "evalInterval": 4,
-                     "evalBatches": 1, "logInterval": 2, "optimizer": {"lr": 1.0e-3}},
+        "data": {
+            "sources": [f"file://{REPO}/examples/data/python-docs.txt"],
+            "format": "text",
+            "validationFraction": 0.05,
+        },
+        "training": {
+            "maxSteps": 2000,
+            "microBatchSize": 4,
+            "precision": "fp32",
+            "evalInterval": 4,
+            "evalBatches": 1,
+            "logInterval": 2,
+            "optimizer": {"lr": 1.0e-3},
+        },
         "checkpoint": {"interval": 4, "keep": 1},
         "resources": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1},
     },
@@ -89,7 +226,10 @@ def _drive_operator(api: Any, kubelet: Any, wait_for: Any, training_job: Any) ->
     kubelet.start(job)
     kubelet.terminate(api.job(ns, "fatal-a0"), 0, 78)
     for name, phase in (("restarts", "Succeeded"), ("fatal", "Failed")):
-        wait_for(lambda n=name, p=phase: ((api.tj(ns, n) or {}).get("status") or {}).get("phase") == p, what=f"{name} {phase}")
+        wait_for(
+            lambda n=name, p=phase: ((api.tj(ns, n) or {}).get("status") or {}).get("phase") == p,
+            what=f"{name} {phase}",
+        )
 
 
 @pytest.mark.slow
@@ -106,30 +246,47 @@ def test_dashboard_and_alerts_against_a_real_prometheus(tmp_path: Path) -> None:
     # The real trainer, in the background: about 10 s to its first evaluation and checkpoint.
     trainer = subprocess.Popen(
         [sys.executable, "-m", "lmforge.cli", "run", str(manifest), "--processes", "1"],
-        cwd=tmp_path, env=env, stdout=(tmp_path / "run.log").open("w"), stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env=env,
+        stdout=(tmp_path / "run.log").open("w"),
+        stderr=subprocess.STDOUT,
     )
     # Scrape as the chart's PodMonitor does: honour the trainer's job/namespace labels and carry
     # the pod's attempt label; the operator as its ServiceMonitor does.
     jobs = [
         {"job_name": "lmforge-operator", "static_configs": [{"targets": [f"127.0.0.1:{operator_port}"]}]},
-        {"job_name": "lmforge-trainer", "honor_labels": True,
-         "static_configs": [{"targets": [f"127.0.0.1:{trainer_port}"], "labels": {"attempt": "0"}}]},
+        {
+            "job_name": "lmforge-trainer",
+            "honor_labels": True,
+            "static_configs": [{"targets": [f"127.0.0.1:{trainer_port}"], "labels": {"attempt": "0"}}],
+        },
     ]
     try:
         with ClusterThread() as cluster, Prometheus(tmp_path, jobs) as prometheus:
             api = Api(cluster.configuration())
-            with OperatorThread(cluster.configuration(), namespaces=["default"], poll_interval=0.05,
-                                progress_interval=0.05, metrics_port=operator_port, metrics_addr="127.0.0.1"):
+            with OperatorThread(
+                cluster.configuration(),
+                namespaces=["default"],
+                poll_interval=0.05,
+                progress_interval=0.05,
+                metrics_port=operator_port,
+                metrics_addr="127.0.0.1",
+            ):
                 _drive_operator(api, Kubelet(api), wait_for, training_job)
 
                 def ready() -> bool:
                     assert trainer.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-                    return all(prometheus.query(q) for q in (
-                        "lmforge_eval_loss > 0", "lmforge_checkpoint_seconds > 0",
-                        "lmforge_operator_jobs_failed_total", "lmforge_operator_restarts_total > 0",
-                        "count_over_time(lmforge_tokens_total[30s]) > 3",
-                        "count_over_time(lmforge_operator_reconcile_duration_seconds_count[30s]) > 3",
-                    ))
+                    return all(
+                        prometheus.query(q)
+                        for q in (
+                            "lmforge_eval_loss > 0",
+                            "lmforge_checkpoint_seconds > 0",
+                            "lmforge_operator_jobs_failed_total",
+                            "lmforge_operator_restarts_total > 0",
+                            "count_over_time(lmforge_tokens_total[30s]) > 3",
+                            "count_over_time(lmforge_operator_reconcile_duration_seconds_count[30s]) > 3",
+                        )
+                    )
 
                 wait_for(ready, timeout=150, what="trainer and operator series in Prometheus")
                 at = time.time()
@@ -146,7 +303,9 @@ def test_dashboard_and_alerts_against_a_real_prometheus(tmp_path: Path) -> None:
                     assert {"namespace": "ml", "job": "tiny"}[variable] in values, (variable, values)
 
                 # No expression names a metric nobody exports.
-                named = {n for e in [*dashboard_queries().values(), *alert_expressions().values()] for n in metric_names(e)}
+                named = {
+                    n for e in [*dashboard_queries().values(), *alert_expressions().values()] for n in metric_names(e)
+                }
                 unknown = named - exported
                 assert not unknown, f"metrics no one exports: {sorted(unknown)}"
                 assert metric_names("rate(lmforge_not_a_metric_total[5m])") - exported, "the check above can fail"

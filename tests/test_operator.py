@@ -470,6 +470,59 @@ def test_stall_detection_restarts_a_gang_that_stopped_advancing(
         thread.join(5)
 
 
+def test_operator_restart_keeps_the_stall_clock(cluster: ClusterThread, api: Api, kubelet: Kubelet) -> None:
+    """The stall clock lives in status.progress.lastProgressTime: an operator that restarts while a
+    gang is stalling catches it at the original deadline, not a full stallTimeoutSeconds later."""
+    registry = CollectorRegistry()
+    step = Gauge("lmforge_train_step", "step", ["job", "namespace", "rank"], registry=registry)
+    step.labels(job="frozen", namespace=NS, rank="0").set(7)
+    port = _free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    config = cluster.configuration()
+    timeout = 4
+    try:
+        with OperatorThread(config, namespaces=[NS], **FAST):
+            api.create_tj(training_job("frozen", metrics={"port": port}, runPolicy={"stallTimeoutSeconds": timeout}))
+            kubelet.start(wait_job(api, "frozen-a0"))
+            progress = wait_for(
+                lambda: (p := (api.tj(NS, "frozen")["status"].get("progress") or {})).get("step") == 7 and p,
+                what="step 7 and the stall clock in the status",
+            )
+            assert progress["lastProgressTime"]
+        assert phase_of(api, "frozen") == "Running", "the first operator must stop before the stall deadline"
+        time.sleep(timeout)  # the deadline passes while no operator runs
+        # The second operator takes one supervision step, then would wait an hour: only a restored
+        # clock can call the gang stalled on that step (a reset clock would start counting anew).
+        with OperatorThread(config, namespaces=[NS], poll_interval=3600, progress_interval=0.05):
+            tj = wait_phase(api, "frozen", "Stalled", timeout=10)
+        assert tj["status"]["attempts"][0]["reason"] == "Stalled"
+        assert f"no step progress for {timeout}s (step 7)" in tj["status"]["message"]
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
+def test_suspend_wakes_the_supervisor_at_once(api: Api, kubelet: Kubelet, cluster: ClusterThread) -> None:
+    """A spec change does not wait for the next poll: with an hour between supervision steps, only
+    the first step (creating attempt 0) is timed; suspend and resume happen because they wake it."""
+    with OperatorThread(cluster.configuration(), namespaces=[NS], poll_interval=3600, progress_interval=3600):
+        api.create_tj(training_job("sleepy"))
+        wait_job(api, "sleepy-a0")
+        wait_phase(api, "sleepy", "Pending")
+        api.patch_tj(NS, "sleepy", {"spec": {"runPolicy": {"suspend": True}}})
+        tj = wait_phase(api, "sleepy", "Suspended", timeout=10)
+        assert tj["status"]["attempts"][0]["reason"] == "Suspended"
+        assert wait_for(lambda: api.job(NS, "sleepy-a0") is None, what="the gang stopped")
+        api.patch_tj(NS, "sleepy", {"spec": {"runPolicy": {"suspend": False}}})
+        wait_job(api, "sleepy-a1")
+        tj = wait_phase(api, "sleepy", "Restarting", timeout=10)
+        assert conditions(tj)["Ready"]["reason"] == "Resumed"
+        # A status write (not a spec change) wakes nothing: still one step per change.
+        api.call("PATCH", api.tj_path(NS, "sleepy") + "/status", {"status": {"message": "hello"}})
+        time.sleep(0.5)
+        assert api.tj(NS, "sleepy")["status"]["message"] == "hello"
+
+
 def test_compression_job_runs_one_job(api: Api, kubelet: Kubelet, operator: OperatorThread) -> None:
     manifest = {
         "apiVersion": "lmforge.dev/v1alpha1",
@@ -493,6 +546,118 @@ def test_compression_job_runs_one_job(api: Api, kubelet: Kubelet, operator: Oper
     cj = wait_phase(api, "shrink", "Succeeded", kind="compressionjobs")
     assert conditions(cj)["Succeeded"]["status"] == "True"
     assert api.items(f"/api/v1/namespaces/{NS}/services") == []
+
+
+def test_trainer_image_defaults_come_from_the_operator_environment(
+    cluster: ClusterThread, api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the Helm chart's trainer.image sets: the image of every job that names none."""
+    monkeypatch.setenv("LMFORGE_TRAINER_IMAGE", "registry.local/team/trainer:1.2.3")
+    monkeypatch.setenv("LMFORGE_TRAINER_IMAGE_PULL_POLICY", "Always")
+    with OperatorThread(cluster.configuration(), namespaces=[NS], **FAST):
+        api.create_tj(training_job("plain"))
+        api.create_tj(training_job("pinned", resources={"nodes": 1, "image": "mine/trainer:dev"}))
+        api.create_tj(training_job("prepped", data={"prepare": {}}))
+        plain = wait_job(api, "plain-a0")["spec"]["template"]["spec"]["containers"][0]
+        pinned = wait_job(api, "pinned-a0")["spec"]["template"]["spec"]["containers"][0]
+        prepped = wait_job(api, "prepped-prepare")["spec"]["template"]["spec"]["containers"][0]
+    assert (plain["image"], plain["imagePullPolicy"]) == ("registry.local/team/trainer:1.2.3", "Always")
+    assert (prepped["image"], prepped["imagePullPolicy"]) == ("registry.local/team/trainer:1.2.3", "Always")
+    assert (pinned["image"], pinned["imagePullPolicy"]) == ("mine/trainer:dev", "Always")
+
+
+def _compression(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "lmforge.dev/v1alpha1",
+        "kind": "CompressionJob",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "model": {"uri": "s3://runs/base/model"},
+            "steps": [{"prune": {"method": "structured", "sparsity": 0.25}}, {"quantize": {"method": "int8-dynamic"}}],
+            "output": {"uri": f"s3://runs/{name}"},
+        },
+    }
+
+
+def _results_message(rows: int = 3, change: str = "+1.2%") -> str:
+    """What `lmforge compress` leaves in the termination message (see lmforge.termination)."""
+    from lmforge.termination import fit
+
+    table = [{"step": "baseline", "parameters": 1_000_000, "sizeBytes": 4_000_000, "perplexity": 20.5}]
+    table += [
+        {
+            "step": f"prune-{i}",
+            "method": "structured",
+            "parameters": 750_000,
+            "sizeBytes": 3_000_000,
+            "perplexity": 21.0 + i,
+            "decodeMsPerToken": 1.5,
+            "speedup": 1.3,
+        }
+        for i in range(rows - 2)
+    ]
+    table.append({"step": "quantize", "method": "int8-dynamic", "sizeBytes": 1_000_000, "perplexity": 20.75})
+    return fit(
+        {
+            "results": table,
+            "compression_ratio": 4.0,
+            "perplexity_change": change,
+            "gate": {"passed": True, "message": "perplexity 20.5 -> 20.75"},
+        }
+    )
+
+
+def test_compression_results_come_from_the_termination_message(
+    api: Api, kubelet: Kubelet, operator: OperatorThread
+) -> None:
+    api.create_tj(_compression("table"), kind="compressionjobs")
+    job = wait_for(lambda: api.job(NS, "table-compress-a0"), what="compression Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    assert container["terminationMessagePolicy"] == "File"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LMFORGE_TERMINATION_LOG"] == "/dev/termination-log"
+    kubelet.start(job)
+    wait_phase(api, "table", "Running", kind="compressionjobs")
+    kubelet.succeed(api.job(NS, "table-compress-a0"), message=_results_message())
+    status = wait_phase(api, "table", "Succeeded", kind="compressionjobs")["status"]
+    assert [r["step"] for r in status["results"]] == ["baseline", "prune-0", "quantize"]
+    assert status["results"][1] == {
+        "step": "prune-0",
+        "method": "structured",
+        "parameters": 750000,
+        "sizeBytes": 3000000,
+        "perplexity": 21.0,
+        "decodeMsPerToken": 1.5,
+        "speedup": 1.3,
+    }
+    assert status["compressionRatio"] == 4.0 and status["perplexityChange"] == "+1.2%"
+
+
+def test_failed_quality_gate_keeps_the_results_and_is_not_retried(
+    api: Api, kubelet: Kubelet, operator: OperatorThread
+) -> None:
+    api.create_tj(_compression("strict"), kind="compressionjobs")
+    job = wait_for(lambda: api.job(NS, "strict-compress-a0"), what="compression Job")
+    kubelet.start(job)
+    wait_phase(api, "strict", "Running", kind="compressionjobs")
+    big = _results_message(rows=60, change="+40.0%")  # more rows than 4096 bytes hold: middle rows dropped
+    assert len(big.encode()) <= 4096
+    kubelet.terminate(job, 0, 3, message=big)
+    cj = wait_phase(api, "strict", "Failed", kind="compressionjobs")
+    assert conditions(cj)["Failed"]["reason"] == "QualityGate"
+    status = cj["status"]
+    assert status["attempts"][0]["retryable"] is False and status["restarts"] == 0
+    assert status["perplexityChange"] == "+40.0%"
+    steps = [r["step"] for r in status["results"]]
+    assert steps[0] == "baseline" and steps[-1] == "quantize" and 3 <= len(steps) < 60
+    events = wait_for(
+        lambda: [e for e in api.items(f"/api/v1/namespaces/{NS}/events") if e["reason"] == "ResultsTruncated"],
+        what="a ResultsTruncated event",
+    )
+    assert "results.md has them all" in events[0]["message"]
+    time.sleep(0.3)
+    assert api.job(NS, "strict-compress-a1") is None
 
 
 def test_compression_of_a_training_job_waits_for_its_model(

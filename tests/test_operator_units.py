@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from lmforge.api.manifest import TrainingJob
@@ -12,8 +14,14 @@ from tests.operator_helpers import training_job
 
 @pytest.mark.parametrize(
     "code,reason,retryable",
-    [(78, "InvalidSpec", False), (75, "Retryable", True), (143, "Preempted", True), (137, "Signal", True),
-     (1, "Error", True), (0, "Completed", False)],
+    [
+        (78, "InvalidSpec", False),
+        (75, "Retryable", True),
+        (143, "Preempted", True),
+        (137, "Signal", True),
+        (1, "Error", True),
+        (0, "Completed", False),
+    ],
 )
 def test_exit_codes(code: int, reason: str, retryable: bool) -> None:
     failure = classify.classify_exit_code(code)
@@ -29,8 +37,10 @@ def test_pod_reasons_and_first_failure() -> None:
     assert classify.classify_pod(running) is None
 
     def pod(index: int, code: int, at: str) -> dict:
-        return {"metadata": {"name": f"p{index}", "labels": {children.INDEX_LABEL: str(index)}},
-                "status": {"containerStatuses": [{"state": {"terminated": {"exitCode": code, "finishedAt": at}}}]}}
+        return {
+            "metadata": {"name": f"p{index}", "labels": {children.INDEX_LABEL: str(index)}},
+            "status": {"containerStatuses": [{"state": {"terminated": {"exitCode": code, "finishedAt": at}}}]},
+        }
 
     # The earliest failure is the cause; a fatal one wins over retryable ones.
     assert classify.first_failed_pod([pod(0, 1, "T2"), pod(1, 137, "T1")])[0]["metadata"]["name"] == "p1"
@@ -39,10 +49,19 @@ def test_pod_reasons_and_first_failure() -> None:
 
 def test_gpu_job_shape() -> None:
     manifest = TrainingJob.model_validate(
-        training_job("gpu", resources={"nodes": 4, "gpusPerNode": 8, "cpu": "32", "memory": "256Gi",
-                                       "sharedMemory": "64Gi", "nodeSelector": {"gpu": "h100"},
-                                       "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]},
-                     training={"maxSteps": 10, "precision": "bf16"})
+        training_job(
+            "gpu",
+            resources={
+                "nodes": 4,
+                "gpusPerNode": 8,
+                "cpu": "32",
+                "memory": "256Gi",
+                "sharedMemory": "64Gi",
+                "nodeSelector": {"gpu": "h100"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+            },
+            training={"maxSteps": 10, "precision": "bf16"},
+        )
     )
     job = children.training_job(manifest, 3)
     assert job["metadata"]["name"] == "gpu-a3" and job["spec"]["completions"] == 4
@@ -69,3 +88,66 @@ def test_progress_parse_keeps_rank_zero() -> None:
 def test_status_patch_removes_vanished_keys() -> None:
     assert status_patch({"phase": "Running", "message": "x"}, {"phase": "Running"}) == {"message": None}
     assert status_patch({"phase": "Running"}, {"phase": "Running"}) is None
+
+
+def test_termination_message_is_written_only_in_a_pod(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge.termination import read_termination_message, write_termination_message
+
+    monkeypatch.delenv("LMFORGE_TERMINATION_LOG", raising=False)
+    assert write_termination_message({"results": [{"step": "baseline"}]}) is None  # lmforge compress locally
+    target = tmp_path / "termination-log"
+    monkeypatch.setenv("LMFORGE_TERMINATION_LOG", str(target))
+    assert write_termination_message({"results": [{"step": "baseline", "method": None}], "ratio": 2.0}) == target
+    assert read_termination_message(target.read_text()) == {"results": [{"step": "baseline"}], "ratio": 2.0}
+    monkeypatch.setenv("LMFORGE_TERMINATION_LOG", str(tmp_path / "missing" / "log"))
+    assert write_termination_message({"x": 1}) is None  # not writable: logged, never fatal
+    assert read_termination_message("Traceback (most recent call last):") is None
+
+
+def test_termination_message_fits_4096_bytes_keeping_first_and_last_rows() -> None:
+    import json
+
+    from lmforge.termination import fit
+
+    rows = [{"step": f"step-{i}", "method": "structured", "perplexity": 20.0 + i} for i in range(200)]
+    text = fit({"results": rows, "compression_ratio": 3.5, "message": "x" * 10_000})
+    assert len(text.encode()) <= 4096
+    data = json.loads(text)
+    kept = [r["step"] for r in data["results"]]
+    assert kept[0] == "step-0" and kept[-1] == "step-199" and len(kept) >= 2
+    assert data["truncated"]["results"] == 200 - len(kept) and data["truncated"]["text"] is True
+    assert data["compression_ratio"] == 3.5 and len(data["message"]) <= 201
+    small = fit({"results": rows[:3]})
+    assert "truncated" not in json.loads(small)
+
+
+def test_trainer_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge.api.common import DEFAULT_TRAINER_IMAGE
+    from lmforge.operator.main import trainer_defaults_from_env
+
+    monkeypatch.delenv("LMFORGE_TRAINER_IMAGE", raising=False)
+    monkeypatch.delenv("LMFORGE_TRAINER_IMAGE_PULL_POLICY", raising=False)
+    assert trainer_defaults_from_env() == children.TrainerDefaults(DEFAULT_TRAINER_IMAGE, "IfNotPresent")
+    job = children.training_job(TrainingJob.model_validate(training_job("bare")), 0)
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == DEFAULT_TRAINER_IMAGE
+    monkeypatch.setenv("LMFORGE_TRAINER_IMAGE_PULL_POLICY", "Sometimes")
+    with pytest.raises(SystemExit, match="LMFORGE_TRAINER_IMAGE_PULL_POLICY='Sometimes'.*Always, IfNotPresent, Never"):
+        trainer_defaults_from_env()
+    manifest = TrainingJob.model_validate(training_job("pinned", resources={"image": "mine:1"}))
+    filled = children.with_defaults(manifest, children.TrainerDefaults("site/trainer:2", "Never"))
+    assert (filled.spec.resources.image, filled.spec.resources.image_pull_policy) == ("mine:1", "Never")
+    assert manifest.spec.resources.image_pull_policy is None, "the validated manifest is not changed"
+
+
+def test_metrics_ports_per_local_rank() -> None:
+    ports = children.metrics_ports(9400, 4)
+    assert ports == [
+        {"name": "metrics", "containerPort": 9400},
+        {"name": "metrics-1", "containerPort": 9401},
+        {"name": "metrics-2", "containerPort": 9402},
+        {"name": "metrics-3", "containerPort": 9403},
+    ]
+    assert len(children.metrics_ports(9400, 256)) == children.METRICS_PORTS_MAX
+    near = children.metrics_ports(children.MASTER_PORT - 1, 4)  # never a second declaration of a rendezvous port
+    assert [p["containerPort"] for p in near] == [children.MASTER_PORT - 1, children.MASTER_PORT + 2]
+    assert all(len(p["name"]) <= 15 for p in children.metrics_ports(9400, 256)), "IANA_SVC_NAME limit"

@@ -53,6 +53,10 @@ def with_change(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 
 
 _DELETE = object()
+CONTINUAL = with_change(
+    with_change(TRAINING, "spec.stage", "continual"), "spec.model.initialModel", "s3://bucket/runs/base/model"
+)
+REPLAY = with_change(CONTINUAL, "spec.data.replay", {"sources": ["s3://bucket/runs/base/data"], "fraction": 0.1})
 
 # (case id, document, expected field path, words the message must contain)
 CASES = [
@@ -103,6 +107,74 @@ CASES = [
         with_change(TRAINING, "spec.data.replay", {"sources": ["s3://bucket/old"]}),
         "spec.data.replay",
         "stage: continual",
+    ),
+    (
+        "continual-block-not-continual",
+        with_change(TRAINING, "spec.continual", {"maxForgetting": 0.05}),
+        "spec.continual",
+        "applies to stage: continual",
+    ),
+    (
+        "gate-without-earlier-data",
+        with_change(CONTINUAL, "spec.continual", {"maxForgetting": 0.05}),
+        "spec.continual.maxForgetting",
+        "continual.earlierData",
+    ),
+    (
+        "ewc-without-earlier-data",
+        with_change(CONTINUAL, "spec.continual", {"ewc": {"weight": 100}}),
+        "spec.continual.ewc",
+        "data.replay.sources",
+    ),
+    (
+        "ewc-zero3",
+        with_change(
+            with_change(REPLAY, "spec.continual", {"ewc": {"weight": 100}}), "spec.training", {"zero": {"stage": 3}}
+        ),
+        "spec.continual.ewc",
+        "stage 0, 1 or 2",
+    ),
+    (
+        "ewc-zero-weight",
+        with_change(REPLAY, "spec.continual", {"ewc": {"weight": 0.0}}),
+        "spec.continual.ewc.weight",
+        "greater than 0",
+    ),
+    (
+        "negative-forgetting",
+        with_change(REPLAY, "spec.continual", {"maxForgetting": -0.1}),
+        "spec.continual.maxForgetting",
+        "at least 0",
+    ),
+    (
+        "earlier-data-with-replay",
+        with_change(REPLAY, "spec.continual", {"earlierData": ["s3://bucket/runs/older/data"]}),
+        "spec.continual.earlierData",
+        "remove continual.earlierData",
+    ),
+    (
+        "initial-model-inside-output",
+        with_change(CONTINUAL, "spec.model.initialModel", "s3://bucket/runs/t/model"),
+        "spec.model.initialModel",
+        "its own output.uri",
+    ),
+    (
+        "replay-is-own-prepared-data",
+        with_change(REPLAY, "spec.data.replay.sources", ["s3://bucket/runs/t/data"]),
+        "spec.data.replay.sources[0]",
+        "earlier job's data",
+    ),
+    (
+        "replay-listed-twice",
+        with_change(REPLAY, "spec.data.replay.sources", ["s3://bucket/a/data", "s3://bucket/a/data/"]),
+        "spec.data.replay.sources[1]",
+        "listed twice",
+    ),
+    (
+        "replay-fraction-one",
+        with_change(REPLAY, "spec.data.replay.fraction", 1.0),
+        "spec.data.replay.fraction",
+        "less than 1",
     ),
     (
         "global-batch",
@@ -294,6 +366,12 @@ CASES = [
         with_change(COMPRESSION, "spec.steps", [{"prune": {"sparsty": 0.5}}]),
         "spec.steps[0].prune.sparsty",
         "did you mean 'sparsity'",
+    ),
+    (
+        "cj-recovery-distill-without-steps",
+        with_change(COMPRESSION, "spec.steps", [{"prune": {"recoveryDistill": False}}]),
+        "spec.steps[0].prune.recoveryDistill",
+        "set recoverySteps",
     ),
 ]
 

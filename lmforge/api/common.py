@@ -10,6 +10,9 @@ from lmforge import __version__
 from lmforge.api.base import K8sName, Quantity, SpecModel, describe, rule_error
 
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/lmforge/trainer:{__version__}"
+"""The operator's trainer image when neither the job (spec.resources.image) nor the operator's
+LMFORGE_TRAINER_IMAGE (the Helm chart's trainer.image) names one."""
+DEFAULT_PULL_POLICY = "IfNotPresent"
 
 # Keys people paste from AWS examples. Rejected with a pointer to the Secret, never stored.
 _INLINE_CREDENTIAL_KEYS = {
@@ -93,9 +96,17 @@ class Resources(SpecModel):
         "Size of the in-memory /dev/shm volume per pod (data loader workers and NCCL use it).",
         default="2Gi",
     )
-    image: str = describe("Trainer container image.", default=DEFAULT_TRAINER_IMAGE, min_length=1, max_length=512)
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = describe(
-        "Image pull policy of the trainer container.", default="IfNotPresent"
+    image: str | None = describe(
+        "Trainer container image. Unset: the operator's default (the Helm chart's trainer.image, "
+        f"else {DEFAULT_TRAINER_IMAGE}). `lmforge run` ignores it.",
+        default=None,
+        min_length=1,
+        max_length=512,
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = describe(
+        "Image pull policy of the trainer container. Unset: the operator's default (the Helm chart's "
+        "trainer.image.pullPolicy, else IfNotPresent).",
+        default=None,
     )
     node_selector: dict[str, str] = describe("Node labels the pods must match.", default_factory=dict)
     tolerations: list[Toleration] = describe(

@@ -52,6 +52,11 @@ class Progress(StatusModel):
     tokens_per_second: float | None = describe("Throughput across all ranks.", default=None)
     eta_seconds: float | None = describe("Estimated seconds to finish.", default=None)
     updated_at: datetime | None = describe("When this was read.", default=None)
+    last_progress_time: datetime | None = describe(
+        "When the step last advanced (or the attempt started running, before any step was reported): "
+        "the stall clock of runPolicy.stallTimeoutSeconds, kept here so an operator restart does not reset it.",
+        default=None,
+    )
 
 
 class CheckpointRef(StatusModel):

@@ -12,12 +12,14 @@ creating duplicates.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from lmforge.api.common import Resources, Scheduling
+from lmforge.api.common import DEFAULT_PULL_POLICY, DEFAULT_TRAINER_IMAGE, Resources, Scheduling
 from lmforge.api.manifest import CompressionJob, TrainingJob
+from lmforge.termination import TERMINATION_LOG_ENV, TERMINATION_LOG_PATH
 
 LABEL_JOB = "lmforge.dev/job"
 """Name of the owning TrainingJob/CompressionJob, on every child and every pod."""
@@ -38,9 +40,39 @@ MASTER_PORT = 29500
 TERMINATION_GRACE_SECONDS = 660
 """The trainer checkpoints on SIGTERM within LMFORGE_SHUTDOWN_TIMEOUT (600 s); a minute more."""
 RUN_AS_USER = 1000
+METRICS_PORTS_MAX = 32
+"""Local ranks per pod whose metrics ports are declared (and so scraped by the PodMonitor); ranks
+beyond it still serve metrics, but only on undeclared ports. 32 covers every GPU node (≤ 16 GPUs)
+and CPU pods with up to 32 processes."""
 CONTAINER = "trainer"
 
 Manifest = TrainingJob | CompressionJob
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+
+
+@dataclass(frozen=True)
+class TrainerDefaults:
+    """What the operator fills in where a job's spec.resources leaves the image unset: the
+    cluster's registry and tag belong to the installation (the Helm chart's trainer.image), not
+    to every manifest."""
+
+    image: str = DEFAULT_TRAINER_IMAGE
+    pull_policy: str = DEFAULT_PULL_POLICY
+
+
+def with_defaults(manifest: Manifest, defaults: TrainerDefaults) -> Manifest:
+    """``manifest`` with spec.resources.image and imagePullPolicy filled from ``defaults`` where unset."""
+    res = manifest.spec.resources
+    if res.image is not None and res.image_pull_policy is not None:
+        return manifest
+    resources = res.model_copy(
+        update={
+            "image": res.image or defaults.image,
+            "image_pull_policy": res.image_pull_policy or defaults.pull_policy,
+        }
+    )
+    spec = manifest.spec.model_copy(update={"resources": resources})
+    return manifest.model_copy(update={"spec": spec})
 
 
 def kind_label(manifest: Manifest) -> str:
@@ -132,6 +164,20 @@ def _resources(res: Resources) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
+def metrics_ports(port: int, processes: int) -> list[dict[str, Any]]:
+    """One named container port per local rank, whose trainer process serves /metrics on
+    ``port + local rank``: ``metrics`` (rank 0, what the operator and the Service use), then
+    ``metrics-1`` ... up to :data:`METRICS_PORTS_MAX` ranks. The chart's PodMonitor keeps every port
+    whose name matches ``metrics(-[0-9]+)?``, so it scrapes all ranks without knowing how many."""
+    ports = []
+    for rank in range(min(processes, METRICS_PORTS_MAX)):
+        number = port + rank
+        if number in (MASTER_PORT, MASTER_PORT + 1) or number > 65535:
+            continue  # a port of the rendezvous (or none at all) cannot be declared twice
+        ports.append({"name": "metrics" if rank == 0 else f"metrics-{rank}", "containerPort": number})
+    return ports
+
+
 def _env(manifest: Manifest, attempt: int) -> list[dict[str, Any]]:
     res = manifest.spec.resources
     name, namespace = manifest.metadata.name, manifest.metadata.namespace or "default"
@@ -167,14 +213,14 @@ def _pod_spec(manifest: Manifest, attempt: int, command: list[str]) -> dict[str,
     scheduling: Scheduling = manifest.spec.scheduling
     container = {
         "name": CONTAINER,
-        "image": res.image,
-        "imagePullPolicy": res.image_pull_policy,
+        "image": res.image or DEFAULT_TRAINER_IMAGE,
+        "imagePullPolicy": res.image_pull_policy or DEFAULT_PULL_POLICY,
         "command": command,
         "env": _env(manifest, attempt),
         "ports": [
             {"name": "rendezvous", "containerPort": MASTER_PORT},
             {"name": "elastic", "containerPort": MASTER_PORT + 1},
-            {"name": "metrics", "containerPort": manifest.spec.metrics.port},
+            *metrics_ports(manifest.spec.metrics.port, res.processes),
         ],
         "resources": _resources(res),
         "volumeMounts": [
@@ -308,9 +354,14 @@ def compression_job(manifest: CompressionJob, attempt: int, source_model_uri: st
         ["lmforge", "compress", f"{CONFIG_DIR}/{CONFIG_KEY}"],
         1,
     )
+    container = job["spec"]["template"]["spec"]["containers"][0]
     if source_model_uri is not None:
-        container = job["spec"]["template"]["spec"]["containers"][0]
         container["env"].append({"name": SOURCE_MODEL_ENV, "value": source_model_uri})
+    # The results table comes back through the termination message (lmforge.termination): the
+    # operator has no S3 client to read results.json.
+    container["env"].append({"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG_PATH})
+    container["terminationMessagePath"] = TERMINATION_LOG_PATH
+    container["terminationMessagePolicy"] = "File"
     return job
 
 

@@ -1,7 +1,8 @@
 """Why a pod ended, and whether a gang restart can help.
 
 The trainer's contract (:mod:`lmforge.exitcodes`): 78 means the manifest is wrong for this run,
-so retrying the same spec cannot succeed — fatal. Everything else that is not a clean exit is
+so retrying the same spec cannot succeed — fatal; so is 3, a failed quality gate (the same job
+would fail it again). Everything else that is not a clean exit is
 worth a restart from the newest checkpoint: the trainer's retryable code 75, SIGTERM after a
 checkpoint (143), other signals (128+n, e.g. 137 for SIGKILL/OOM), eviction, node loss, and
 unexpected non-zero codes (a crash is more often transient than not, and backoffLimit bounds it).
@@ -34,6 +35,10 @@ def classify_exit_code(code: int, container_reason: str | None = None) -> Failur
         return Failure("Completed", False, code, "exited 0")
     if code == exitcodes.INVALID_SPEC:
         return Failure("InvalidSpec", False, code, "the trainer rejected the spec (exit 78); fix the manifest")
+    if code == exitcodes.QUALITY_GATE:
+        return Failure(
+            "QualityGate", False, code, "the quality gate failed (exit 3): the results are written; not retried"
+        )
     if container_reason == "OOMKilled":
         return Failure("OOMKilled", True, code, "killed for exceeding its memory limit; raise resources.memory")
     if code == exitcodes.RETRYABLE:

@@ -1,14 +1,16 @@
-"""Kopf handlers: admission of new or changed jobs, one supervisor daemon per job, two indices.
+"""Kopf handlers: one supervisor daemon per job, a spec-change wake-up, two indices.
 
-* ``admit_*`` (create/resume/spec update) validates with the api models. Invalid → phase Failed,
-  condition InvalidSpec listing every field error, a Warning event, nothing created. Valid → the
-  static children (ConfigMap, headless Service, PodGroup), adopted so they go with the job.
-* ``supervise_*`` is a daemon per job that runs :func:`lmforge.operator.reconcile.reconcile`
-  every poll interval against Kopf's in-memory indices of the attempt Jobs and their pods. The
-  indices are fed by watch streams, so supervising a thousand jobs costs no API reads; the API
-  is written only when something changes.
+* ``supervise_*`` is a daemon per job. It admits each spec it sees (:mod:`admission`: validation,
+  InvalidSpec, the static children) and runs :func:`lmforge.operator.reconcile.reconcile` every
+  poll interval against Kopf's in-memory indices of the attempt Jobs and their pods. The indices
+  are fed by watch streams, so supervising a thousand jobs costs no API reads; the API is written
+  only when something changes, and admission and the first step go out as one status patch.
+* ``wake_on_spec_change`` wakes a supervisor as soon as its job's spec changes (suspend acts at
+  once, not at the next poll).
 
-The daemon is the only writer of the lifecycle status, which avoids races between handlers.
+The daemon is the only writer of the status, which avoids races between handlers. There are no
+create/update/resume handlers on purpose: they would make Kopf write a diff-base annotation to
+every job (one more PATCH each), and the daemon already sees every spec (see :mod:`admission`).
 """
 
 from __future__ import annotations
@@ -18,39 +20,21 @@ import copy
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 
 from lmforge import API_GROUP, API_GROUP_VERSION, API_VERSION
-from lmforge.api.errors import Problem
-from lmforge.api.loading import validate_document
 from lmforge.operator import children, metrics
 from lmforge.operator import settings as _settings  # noqa: F401 - registers the startup and login handlers
-from lmforge.operator.kube import ApiError, Kube
-from lmforge.operator.reconcile import JobMemory, Manifest, Observed, Options, load_status, reconcile
-from lmforge.operator.status import now, set_condition, set_phase, status_patch
+from lmforge.operator.admission import admit, load_status_any, validate
+from lmforge.operator.kube import ApiError
+from lmforge.operator.reconcile import JobMemory, Manifest, Observed, Options, reconcile
+from lmforge.operator.status import now, set_condition, status_patch
 
 KINDS = {"trainingjobs": "TrainingJob", "compressionjobs": "CompressionJob"}
 _KIND_LABELS = {"TrainingJob": "training", "CompressionJob": "compression"}
-
-
-# Validation ------------------------------------------------------------------------------------
-def validate(body: Any) -> tuple[Manifest | None, list[Problem]]:
-    """The api models' verdict on the object as stored (status and server metadata left out)."""
-    meta = body.get("metadata", {})
-    doc = {
-        "apiVersion": body.get("apiVersion", API_GROUP_VERSION),
-        "kind": body.get("kind"),
-        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
-        "spec": copy.deepcopy(dict(body.get("spec") or {})),
-    }
-    source = f"{body.get('kind')} {meta.get('namespace')}/{meta.get('name')}"
-    return validate_document(doc, source, None)  # type: ignore[return-value]
-
-
-def describe_problems(problems: list[Problem]) -> str:
-    return "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in problems)
 
 
 # Indices ---------------------------------------------------------------------------------------
@@ -89,79 +73,45 @@ def lmforge_pods(
     }
 
 
-# Admission -------------------------------------------------------------------------------------
-def admit(body: Any, patch: kopf.Patch, memo: kopf.Memo, reason: str, logger: logging.Logger) -> None:
-    kind = body["kind"]
-    meta = body["metadata"]
-    if reason == "create":
-        metrics.JOBS_CREATED.labels(kind=kind).inc()
-    manifest, problems = validate(body)
-    status = load_status_any(kind, body)
-    old = status.to_manifest()
-    if manifest is None:
-        message = describe_problems(problems)
-        set_condition(status, "InvalidSpec", True, "InvalidSpec", message)
-        if status.phase != "Failed":
-            metrics.JOBS_FAILED.labels(reason="InvalidSpec").inc()
-        set_phase(status, "Failed", "InvalidSpec", f"invalid spec: {message}")
-        kopf.warn(body, reason="InvalidSpec", message=message)
-        logger.warning("invalid spec: %s", message)
-    else:
-        ensure_static_children(memo.kube, manifest, body)
-        if any(c.type == "InvalidSpec" and c.status == "True" for c in status.conditions):
-            set_condition(status, "InvalidSpec", False, "Valid", "the spec is valid")
-            if status.phase == "Failed":  # failed only because of the spec: run the fixed one
-                status.phase, status.completion_time = "Pending", None
-                set_condition(status, "Failed", False, "SpecFixed", "the spec was fixed")
-                status.message = "spec fixed; starting a new attempt"
-    diff = status_patch(old, status.to_manifest())
-    if diff:
-        patch.status.update(diff)
-    metrics.observe_phase(kind, meta.get("namespace", ""), meta["name"], status.phase)
-
-
-def load_status_any(kind: str, body: Any) -> Any:
-    from lmforge.api.status import CompressionJobStatus, TrainingJobStatus
-
-    model = TrainingJobStatus if kind == "TrainingJob" else CompressionJobStatus
-    try:
-        return model.model_validate(dict(body.get("status") or {}))
-    except ValueError:
-        return model()
-
-
-def ensure_static_children(kube: Kube, manifest: Manifest, owner: Any) -> None:
-    """ConfigMap (kept equal to the spec), headless Service and PodGroup; existing ones are reused."""
-    namespace = manifest.metadata.namespace or "default"
-    for obj in children.static_children(manifest):
-        kopf.adopt(obj, owner=owner)
-        current, created = kube.ensure(obj, namespace)
-        if not created and obj["kind"] == "ConfigMap" and current.get("data") != obj["data"]:
-            kube.patch("v1", "ConfigMap", namespace, obj["metadata"]["name"], {"data": obj["data"]})
-
-
-@kopf.on.resume(API_GROUP, API_VERSION, "trainingjobs")
-@kopf.on.create(API_GROUP, API_VERSION, "trainingjobs")
-@kopf.on.update(API_GROUP, API_VERSION, "trainingjobs", field="spec")
-def admit_training(
-    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, reason: str, logger: logging.Logger, **_: Any
-) -> None:
-    admit(body, patch, memo, str(reason), logger)
-
-
-@kopf.on.resume(API_GROUP, API_VERSION, "compressionjobs")
-@kopf.on.create(API_GROUP, API_VERSION, "compressionjobs")
-@kopf.on.update(API_GROUP, API_VERSION, "compressionjobs", field="spec")
-def admit_compression(
-    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, reason: str, logger: logging.Logger, **_: Any
-) -> None:
-    admit(body, patch, memo, str(reason), logger)
-
-
 # Supervision -----------------------------------------------------------------------------------
 def _version(body: dict[str, Any] | None) -> int:
     value = str(((body or {}).get("metadata") or {}).get("resourceVersion") or "")
     return int(value) if value.isdigit() else -1
+
+
+@dataclass
+class Waker:
+    """Lets a spec change wake a job's supervisor at once instead of at its next poll."""
+
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    generation: int | None = None
+    """metadata.generation of the spec the supervisor last looked at."""
+
+
+@kopf.on.event(API_GROUP, API_VERSION, "trainingjobs")
+@kopf.on.event(API_GROUP, API_VERSION, "compressionjobs")
+async def wake_on_spec_change(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A watch event whose generation the supervisor has not seen (a spec change: suspend, a fixed
+    spec, ...) wakes it now. Status writes keep the generation, so they wake nothing.
+
+    An event handler, not ``on.update``/``on.field``: those make Kopf keep a diff-base annotation,
+    one more PATCH per job and per change, and the supervisor does its own diffing anyway.
+    """
+    waker = memo.wakers.get(body.get("metadata", {}).get("uid"))
+    if waker is not None and body.get("metadata", {}).get("generation") != waker.generation:
+        waker.event.set()
+
+
+async def _sleep(stopped: kopf.DaemonStopped, wake: asyncio.Event, seconds: float) -> None:
+    """Until the poll interval passes, the daemon is stopped, or a spec change wakes it."""
+    if wake.is_set():
+        return
+    waits = {asyncio.ensure_future(stopped.wait(seconds)), asyncio.ensure_future(wake.wait())}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
 
 
 async def supervise(
@@ -173,44 +123,64 @@ async def supervise(
     pods_index: kopf.Index,
 ) -> None:
     kind = body["kind"]
-    ns, name = body["metadata"].get("namespace"), body["metadata"]["name"]
+    ns, name, uid = body["metadata"].get("namespace"), body["metadata"]["name"], body["metadata"].get("uid")
     key = (ns, _KIND_LABELS[kind], name)
     config, kube = memo.config, memo.kube
     options = Options(
         progress_interval=config.progress_interval, log_lines=config.log_lines, metrics_url=config.metrics_url
     )
     memory = JobMemory()
+    waker = memo.wakers[uid] = Waker()
     latest: dict[str, Any] | None = None  # our own last write: the watch may not have shown it yet
-    cached: tuple[str, Manifest | None] = ("", None)
-    while not stopped:
-        snapshot = copy.deepcopy(dict(body))
-        if latest is not None and _version(latest) > _version(snapshot):
-            snapshot = latest
-        if snapshot.get("metadata", {}).get("deletionTimestamp"):
-            break
-        spec_key = json.dumps(snapshot.get("spec"), sort_keys=True)
-        if spec_key != cached[0]:
-            cached = (spec_key, validate(snapshot)[0])
-        manifest = cached[1]
-        if manifest is not None:
-            jobs = {j["metadata"]["name"]: j for j in jobs_index.get(key, [])}
-            pods = list(pods_index.get(key, []))
-            observed = Observed(manifest=manifest, body=snapshot, jobs=jobs, pods=pods, now=now())
+    admitted: tuple[str, Manifest | None] = ("", None)  # the spec admitted and its validated manifest
+    seen: tuple[int, dict[str, Any], str] | None = None  # (resourceVersion, copy of the body, spec key)
+    try:
+        while not stopped:
+            waker.event.clear()
+            # Copy (and key the spec of) the live body only when it changed: most steps of most
+            # jobs see the same version, and the copy is most of an idle step's cost.
+            version = _version(body)
+            if seen is None or seen[0] != version:
+                copied = copy.deepcopy(dict(body))
+                seen = (version, copied, json.dumps(copied.get("spec"), sort_keys=True))
+            snapshot, spec_key = dict(seen[1]), seen[2]  # shallow: admission replaces "status" only
+            if latest is not None and _version(latest) > version:
+                snapshot, spec_key = dict(latest), json.dumps(latest.get("spec"), sort_keys=True)
+            if snapshot.get("metadata", {}).get("deletionTimestamp"):
+                break
+            waker.generation = snapshot.get("metadata", {}).get("generation")
+            written = snapshot.get("status")
+            admitting = spec_key != admitted[0]
             started = time.perf_counter()
             try:
-                status, delete = await asyncio.to_thread(reconcile, kube, observed, memory, options)
+                if admitting:
+                    manifest, problems = validate(snapshot)
+                    if manifest is not None:
+                        manifest = children.with_defaults(manifest, config.trainer)
+                    snapshot["status"] = await asyncio.to_thread(admit, kube, snapshot, manifest, problems)
+                else:
+                    manifest = admitted[1]
+                delete = False
+                status = snapshot.get("status") or {}
+                if manifest is not None:
+                    jobs = {j["metadata"]["name"]: j for j in jobs_index.get(key, [])}
+                    pods = list(pods_index.get(key, []))
+                    observed = Observed(manifest=manifest, body=snapshot, jobs=jobs, pods=pods, now=now())
+                    status, delete = await asyncio.to_thread(reconcile, kube, observed, memory, options)
             except Exception as exc:  # noqa: BLE001 - recorded as a condition, retried next step
                 logger.exception("reconciliation failed")
-                failed = load_status(manifest, snapshot)
+                failed = load_status_any(kind, snapshot)
                 set_condition(failed, "Reconciled", False, type(exc).__name__, str(exc)[:1000])
-                status, delete = failed.to_manifest(), False
+                status, delete, admitting, manifest = failed.to_manifest(), False, False, admitted[1]
             metrics.RECONCILE.observe(time.perf_counter() - started)
-            diff = status_patch(snapshot.get("status"), status)
+            diff = status_patch(written, status)
             try:
                 if diff:
                     latest = await asyncio.to_thread(
                         kube.patch, API_GROUP_VERSION, kind, ns, name, {"status": diff}, "status"
                     )
+                if admitting:  # admitted only once its verdict is written: else admit again
+                    admitted = (spec_key, manifest)
                 if delete:
                     logger.info("ttlSecondsAfterFinished passed: deleting")
                     await asyncio.to_thread(kube.delete, API_GROUP_VERSION, kind, ns, name)
@@ -220,8 +190,11 @@ async def supervise(
                     break
                 logger.warning("status update failed: %s", exc)
             metrics.observe_phase(kind, ns or "", name, status.get("phase"))
-        await stopped.wait(config.poll_interval)
-    metrics.observe_phase(kind, ns or "", name, None)
+            await _sleep(stopped, waker.event, config.poll_interval)
+    finally:
+        if memo.wakers.get(uid) is waker:
+            del memo.wakers[uid]
+        metrics.observe_phase(kind, ns or "", name, None)
 
 
 @kopf.daemon(API_GROUP, API_VERSION, "trainingjobs", cancellation_timeout=30)

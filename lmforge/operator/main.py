@@ -16,10 +16,29 @@ from typing import Any
 import kopf
 import kubernetes
 
+from lmforge.api.common import DEFAULT_PULL_POLICY, DEFAULT_TRAINER_IMAGE
 from lmforge.operator import metrics
+from lmforge.operator.children import PULL_POLICIES, TrainerDefaults
 from lmforge.operator.kube import Kube
 
 NAMESPACES_ENV = "LMFORGE_NAMESPACES"
+TRAINER_IMAGE_ENV = "LMFORGE_TRAINER_IMAGE"
+"""Trainer image for jobs whose spec.resources.image is unset (the Helm chart sets it from trainer.image)."""
+TRAINER_PULL_POLICY_ENV = "LMFORGE_TRAINER_IMAGE_PULL_POLICY"
+
+
+def trainer_defaults_from_env() -> TrainerDefaults:
+    """The trainer image defaults from the environment; a bad value stops the operator with a message."""
+    image = os.environ.get(TRAINER_IMAGE_ENV, "").strip() or DEFAULT_TRAINER_IMAGE
+    policy = os.environ.get(TRAINER_PULL_POLICY_ENV, "").strip() or DEFAULT_PULL_POLICY
+    if policy not in PULL_POLICIES:
+        raise SystemExit(
+            f"{TRAINER_PULL_POLICY_ENV}={policy!r} is not an image pull policy: use one of "
+            f"{', '.join(PULL_POLICIES)} (Helm value trainer.image.pullPolicy)"
+        )
+    if any(c.isspace() for c in image):
+        raise SystemExit(f"{TRAINER_IMAGE_ENV}={image!r} is not an image reference (Helm value trainer.image)")
+    return TrainerDefaults(image=image, pull_policy=policy)
 
 
 @dataclass
@@ -45,6 +64,8 @@ class OperatorConfig:
     """Log lines of a failed rank kept in status.attempts[].logTail."""
     metrics_url: Callable[[dict[str, Any], int], str] | None = None
     """Override of the rank-0 metrics URL (tests; default http://<pod IP>:<port>/metrics)."""
+    trainer: TrainerDefaults = field(default_factory=trainer_defaults_from_env)
+    """Image and pull policy of trainer pods whose spec leaves them unset (LMFORGE_TRAINER_IMAGE...)."""
 
 
 def namespaces_from_env() -> list[str]:
@@ -86,7 +107,7 @@ async def operator(
         liveness_endpoint=config.liveness,
         stop_flag=stop_flag,
         ready_flag=ready_flag,
-        memo=kopf.Memo(config=config, kube=kube),
+        memo=kopf.Memo(config=config, kube=kube, wakers={}),
     )
 
 

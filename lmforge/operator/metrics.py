@@ -40,6 +40,8 @@ def observe_phase(kind: str, namespace: str, name: str, phase: str | None) -> No
     """Record the phase of one job (None when it is gone) and refresh the per-phase gauge."""
     with _lock:
         key = (kind, namespace, name)
+        if _phases.get(key) == phase:  # every supervision step reports: recount only on a change
+            return
         if phase is None:
             _phases.pop(key, None)
         else:

@@ -29,27 +29,42 @@ import kopf
 
 from lmforge import API_GROUP, API_VERSION
 from lmforge.api.manifest import CompressionJob, TrainingJob
-from lmforge.api.status import Attempt, CompressionJobStatus, Outputs, TrainingJobStatus
+from lmforge.api.status import (
+    Attempt,
+    CompressionJobStatus,
+    CompressionResult,
+    Outputs,
+    Progress,
+    TrainingJobStatus,
+)
 from lmforge.operator import children, classify, metrics, progress
 from lmforge.operator.kube import Kube
 from lmforge.operator.status import TERMINAL, condition_true, now, set_condition, set_phase
+from lmforge.termination import read_termination_message
 
 Manifest = TrainingJob | CompressionJob
 _COMPRESSION_PHASES = {"Restarting": "Pending", "Suspended": "Pending", "Stalled": "Running", "Preparing": "Pending"}
+CREATED_TRUST = 60.0
+"""Seconds a supervisor trusts its own record of a Job it created while the index lacks it."""
 DATA_PREPARED = "DataPrepared"
 """Condition of a TrainingJob with spec.data.prepare: Unknown while preparing, True when done, False when failed."""
 
 
 @dataclass
 class JobMemory:
-    """What one job's supervisor remembers between steps (lost on operator restart, on purpose:
-    the stall clock then restarts, which errs on the side of not killing a healthy gang)."""
+    """What one job's supervisor remembers between steps; lost on operator restart, when the
+    stall clock is restored from status.progress.lastProgressTime (see :meth:`Step.stall_clock`)."""
 
     attempt: int | None = None
     last_step: int | None = None
     last_advance: float | None = None
     """time.monotonic() of the last step change (status times are whole seconds: too coarse)."""
     last_scrape: float | None = None
+    created: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+    """Jobs this supervisor created (time.monotonic(), object) that the watch-fed index may not
+    show yet: without this the next step would POST them again (409) and GET them, two wasted
+    requests per Job. Trusted for CREATED_TRUST seconds: a Job deleted behind our back is then
+    created again."""
 
 
 @dataclass
@@ -130,6 +145,22 @@ class Step:
         return [
             p for p in self.obs.pods if (p["metadata"].get("labels") or {}).get(children.LABEL_ATTEMPT) == str(index)
         ]
+
+    def known_job(self, name: str) -> dict[str, Any] | None:
+        """A child Job from the index, else from what this supervisor created itself."""
+        job = self.obs.jobs.get(name)
+        if job is not None:
+            self.memory.created.pop(name, None)  # the index has caught up
+            return job
+        when, created = self.memory.created.get(name, (0.0, None))
+        return created if time.monotonic() - when < CREATED_TRUST else None
+
+    def ensure_job(self, wanted: dict[str, Any]) -> dict[str, Any]:
+        """Create (or adopt an existing) child Job and remember it until the index shows it."""
+        kopf.adopt(wanted, owner=self.obs.body)
+        job, _ = self.kube.ensure(wanted, self.ns)
+        self.memory.created[wanted["metadata"]["name"]] = (time.monotonic(), job)
+        return job
 
     def stop_job(self, index: int) -> None:
         self.kube.delete("batch/v1", "Job", self.ns, self.job_name(index))
@@ -246,11 +277,9 @@ class Step:
         st, rp = self.status, self.m.spec.run_policy
         try_ = self.prepare_try()
         name = children.prepare_job_name(self.name, try_)
-        job = self.obs.jobs.get(name)
-        if job is None:  # not in the watch cache yet, or not created yet
-            wanted = children.prepare_job(self.m, try_)
-            kopf.adopt(wanted, owner=self.obs.body)
-            job, _ = self.kube.ensure(wanted, self.ns)
+        job = self.known_job(name)
+        if job is None:  # not created yet (or by an operator before a restart: ensure adopts it)
+            job = self.ensure_job(children.prepare_job(self.m, try_))
         job_status = job.get("status") or {}
         conditions = classify.true_conditions(job_status)
         if "Complete" in conditions or (job_status.get("succeeded") or 0) >= 1:
@@ -293,9 +322,7 @@ class Step:
             return False
         st.restarts += 1
         metrics.RESTARTS.inc()
-        retry = children.prepare_job(self.m, st.restarts)
-        kopf.adopt(retry, owner=self.obs.body)
-        self.kube.ensure(retry, self.ns)
+        retry = self.ensure_job(children.prepare_job(self.m, st.restarts))
         message = (
             f"prepare Job {name} failed: {failure.message}{where}; retrying as {retry['metadata']['name']} "
             f"(restart {st.restarts} of {rp.backoff_limit})"
@@ -308,11 +335,11 @@ class Step:
     def start_attempt(self, previous: Attempt | None) -> None:
         index = 0 if previous is None else previous.index + 1
         source = self.source_model_uri()
-        job = children.attempt_job(self.m, index, source if isinstance(source, str) else None)
-        kopf.adopt(job, owner=self.obs.body)
-        self.kube.ensure(job, self.ns)
+        job = self.ensure_job(children.attempt_job(self.m, index, source if isinstance(source, str) else None))
         self.status.attempts.append(Attempt(index=index, start_time=self.obs.now))
         self.memory.attempt, self.memory.last_step, self.memory.last_advance = index, None, None
+        if isinstance(self.status, TrainingJobStatus) and self.status.progress is not None:
+            self.status.progress.last_progress_time = None  # the new gang's stall clock starts when it runs
         if previous is None:
             self.phase("Pending", "Created", f"attempt 0: Job {job['metadata']['name']} created, waiting for pods")
         elif previous.reason == "Suspended":
@@ -344,12 +371,12 @@ class Step:
                 attempt.log_tail = self.kube.pod_log_tail(self.ns, attempt.failed_pod, self.options.log_lines)
 
     def supervise(self, current: Attempt) -> None:
-        job = self.obs.jobs.get(self.job_name(current.index))
-        if job is None:  # not in the watch cache yet, or never created (crash): ensure it exists
+        job = self.known_job(self.job_name(current.index))
+        if job is None:  # an operator restart before the index filled, or a crash after recording it
             source = self.source_model_uri()
-            wanted = children.attempt_job(self.m, current.index, source if isinstance(source, str) else None)
-            kopf.adopt(wanted, owner=self.obs.body)
-            job, _ = self.kube.ensure(wanted, self.ns)
+            job = self.ensure_job(
+                children.attempt_job(self.m, current.index, source if isinstance(source, str) else None)
+            )
         job_status = job.get("status") or {}
         conditions = classify.true_conditions(job_status)
         pods = self.attempt_pods(current.index)
@@ -357,6 +384,7 @@ class Step:
 
         if "Complete" in conditions or (job_status.get("succeeded") or 0) >= nodes:
             self.end_attempt(current, "Completed", retryable=False, exit_code=0)
+            self.copy_results(pods)
             self.scrape(pods, force=True)
             self.status.outputs = outputs_of(self.m)
             self.phase("Succeeded", "Completed", f"all {nodes} node(s) finished (attempt {current.index})")
@@ -374,9 +402,40 @@ class Step:
             if self.training:
                 self.watch_progress(current, pods)
 
+    def copy_results(self, pods: list[dict[str, Any]]) -> None:
+        """A CompressionJob's results table from its pod's termination message into the status
+        (on success and on a failed quality gate alike; absent or unreadable → left as it was)."""
+        st = self.status
+        if not isinstance(st, CompressionJobStatus):
+            return
+        for pod in pods:
+            for container in (pod.get("status") or {}).get("containerStatuses") or []:
+                ended = (container.get("state") or {}).get("terminated") or {}
+                summary = read_termination_message(ended.get("message"))
+                if summary is None:
+                    continue
+                try:
+                    results = [CompressionResult.model_validate(row) for row in summary.get("results") or []]
+                except ValueError:
+                    continue
+                st.results = results or st.results
+                ratio, change = summary.get("compression_ratio"), summary.get("perplexity_change")
+                if isinstance(ratio, int | float):
+                    st.compression_ratio = round(float(ratio), 4)
+                st.perplexity_change = change if isinstance(change, str) else st.perplexity_change
+                dropped = (summary.get("truncated") or {}).get("results")
+                if dropped:
+                    self.warn(
+                        "ResultsTruncated",
+                        f"{dropped} middle row(s) of the results table did not fit the "
+                        "pod's 4096-byte termination message; results.md has them all",
+                    )
+                return
+
     def fail_attempt(self, current: Attempt, failure: classify.Failure, pod: dict[str, Any] | None) -> None:
         rp = self.m.spec.run_policy
         self.end_attempt(current, failure.reason, retryable=failure.retryable, exit_code=failure.exit_code, pod=pod)
+        self.copy_results(self.attempt_pods(current.index))
         self.stop_job(current.index)  # the peers of a failed rank would wait in collectives forever
         where = f" (pod {current.failed_pod}, rank {current.failed_rank})" if current.failed_pod else ""
         if not failure.retryable:
@@ -420,20 +479,45 @@ class Step:
         if values:
             st = self.status
             assert isinstance(st, TrainingJobStatus)
+            clock = st.progress.last_progress_time if st.progress else None
             st.progress = progress.to_progress(values, self.obs.now)
+            st.progress.last_progress_time = clock
             if isinstance(self.m, TrainingJob):
                 uri = self.m.spec.checkpoint.uri or f"{self.m.spec.output.uri.rstrip('/')}/checkpoints"
                 st.last_checkpoint = progress.to_checkpoint(values, uri) or st.last_checkpoint
         return values
 
+    def stall_clock(self, current: Attempt, clock: float) -> None:
+        """Start the stall clock of ``current`` in memory: from status.progress.lastProgressTime when
+        it belongs to this attempt (an operator restart goes on counting from the last advance, so
+        a stalling gang is caught at its original deadline), else from now, written to the status."""
+        mem, st = self.memory, self.status
+        assert isinstance(st, TrainingJobStatus)
+        mem.attempt, mem.last_step, mem.last_advance = current.index, None, clock
+        seen = st.progress.last_progress_time if st.progress else None
+        if seen is not None and current.start_time is not None and seen >= current.start_time:
+            wall = datetime.datetime.now(datetime.UTC)
+            mem.last_advance = clock - max(0.0, (wall - seen).total_seconds())
+            mem.last_step = st.progress.step if st.progress else None
+        else:
+            self.mark_progress()
+
+    def mark_progress(self) -> None:
+        """Persist the stall clock: now, to the microsecond (status times are whole seconds)."""
+        st = self.status
+        assert isinstance(st, TrainingJobStatus)
+        st.progress = st.progress or Progress()
+        st.progress.last_progress_time = datetime.datetime.now(datetime.UTC)
+
     def watch_progress(self, current: Attempt, pods: list[dict[str, Any]]) -> None:
         mem, t, clock = self.memory, self.obs.now, time.monotonic()
-        if mem.attempt != current.index:
-            mem.attempt, mem.last_step, mem.last_advance = current.index, None, None
-        mem.last_advance = mem.last_advance or clock
+        if mem.attempt != current.index or mem.last_advance is None:
+            self.stall_clock(current, clock)
+        assert mem.last_advance is not None
         values = self.scrape(pods)
         if values and "step" in values and int(values["step"]) != mem.last_step:
             mem.last_step, mem.last_advance = int(values["step"]), clock
+            self.mark_progress()
             if self.status.phase == "Stalled" or any(
                 c.type == "Stalled" and c.status == "True" for c in self.status.conditions
             ):

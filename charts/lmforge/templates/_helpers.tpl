@@ -94,10 +94,14 @@ Operator image reference: registry/repository, then @digest or :tag (default app
 {{- end -}}
 
 {{/*
-Trainer image of jobs that leave spec.resources.image unset (the CRD default, from lmforge/api).
+Trainer image of jobs that leave spec.resources.image unset (the operator's LMFORGE_TRAINER_IMAGE).
 */}}
 {{- define "lmforge.trainerImage" -}}
-{{- printf "ghcr.io/lmforge/trainer:%s" .Chart.AppVersion -}}
+{{- $repo := .Values.trainer.image.repository -}}
+{{- if .Values.trainer.image.registry -}}
+{{- $repo = printf "%s/%s" .Values.trainer.image.registry .Values.trainer.image.repository -}}
+{{- end -}}
+{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.trainer.image.tag) -}}
 {{- end -}}
 
 {{/*
