@@ -137,7 +137,7 @@ def test_a_plain_reader_state_continues_the_first_source(sources: list[str]) -> 
 def test_saved_mix_with_other_sources_is_a_clear_error(sources: list[str]) -> None:
     state = _mix(sources, [0.7, 0.2, 0.1]).state_dict()
     two = MixedReader(_readers(sources[:2]), [0.9, 0.1], seed=11)
-    with pytest.raises(ValueError, match="keep data.replay.sources as they were"):
+    with pytest.raises(ValueError, match="keep data.mix and data.replay.sources as they were"):
         two.load_state_dict(state)
 
 

@@ -162,7 +162,7 @@ CASES = [
         "replay-is-own-prepared-data",
         with_change(REPLAY, "spec.data.replay.sources", ["s3://bucket/runs/t/data"]),
         "spec.data.replay.sources[0]",
-        "earlier job's data",
+        "another job's prepared data",
     ),
     (
         "replay-listed-twice",
@@ -175,6 +175,54 @@ CASES = [
         with_change(REPLAY, "spec.data.replay.fraction", 1.0),
         "spec.data.replay.fraction",
         "less than 1",
+    ),
+    (
+        "mix-is-own-prepared-data",
+        with_change(TRAINING, "spec.data.mix", [{"uri": "s3://bucket/runs/t/data/", "fraction": 0.2}]),
+        "spec.data.mix[0].uri",
+        "another job's prepared data",
+    ),
+    (
+        "mix-fractions-leave-nothing",
+        with_change(
+            TRAINING,
+            "spec.data.mix",
+            [{"uri": "s3://bucket/code/data", "fraction": 0.6}, {"uri": "s3://bucket/books/data", "fraction": 0.4}],
+        ),
+        "spec.data.mix",
+        "keep the sum below 1",
+    ),
+    (
+        "mix-listed-twice",
+        with_change(
+            TRAINING,
+            "spec.data.mix",
+            [{"uri": "s3://bucket/code/data", "fraction": 0.1}, {"uri": "s3://bucket/code/data/", "fraction": 0.1}],
+        ),
+        "spec.data.mix[1].uri",
+        "list each prepared data directory once",
+    ),
+    (
+        "mix-and-replay-leave-nothing",
+        with_change(REPLAY, "spec.data.mix", [{"uri": "s3://bucket/code/data", "fraction": 0.9}]),
+        "spec.data.mix",
+        "data.replay.fraction",
+    ),
+    (
+        "mix-fraction-missing",
+        with_change(TRAINING, "spec.data.mix", [{"uri": "s3://bucket/code/data"}]),
+        "spec.data.mix[0].fraction",
+        "required",
+    ),
+    (
+        "compression-mix",
+        with_change(
+            with_change(COMPRESSION, "spec.data", {"sources": ["s3://bucket/text"]}),
+            "spec.data.mix",
+            [{"uri": "s3://bucket/code/data", "fraction": 0.1}],
+        ),
+        "spec.data.mix",
+        "remove data.mix",
     ),
     (
         "global-batch",

@@ -178,6 +178,14 @@ class CompressionJobSpec(SpecModel):
                     f"steps[{i}].{step.kind}",
                     f"a {step.kind} step trains the model, so set data.sources (the text it trains on)",
                 )
+        if self.data is not None:
+            for name, value in (("mix", self.data.mix), ("replay", self.data.replay)):
+                if value:
+                    raise rule_error(
+                        f"data.{name}",
+                        f"data.{name} mixes corpora into a TrainingJob's training; a CompressionJob reads "
+                        f"data.sources only, so remove data.{name}",
+                    )
         if self.resources.nodes != 1:
             raise rule_error("resources.nodes", "a CompressionJob runs on one node; set nodes: 1")
         return self

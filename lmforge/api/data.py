@@ -138,6 +138,22 @@ class Replay(SpecModel):
         return self
 
 
+class MixSource(SpecModel):
+    """Another prepared corpus mixed into training by fraction (e.g. code or a high-quality set)."""
+
+    uri: Uri = describe(
+        "A prepared data directory holding train/ and val/ (index.json and shards), as `lmforge prepare` "
+        "or a run writes it (another job's data.preparedUri, default its OUTPUT/data). It must have been "
+        "tokenized with this job's tokenizer (tokenizer.uri). Only its train/ split is read.",
+    )
+    fraction: float = describe(
+        "Fraction of the training samples drawn from this source, assigned per sample by a deterministic "
+        "low-discrepancy sequence (every batch holds close to it, on any number of ranks, across resumes).",
+        gt=0.0,
+        lt=1.0,
+    )
+
+
 class Data(SpecModel):
     """Training text: where it lives, its format, and how it is split and prepared."""
 
@@ -165,9 +181,37 @@ class Data(SpecModel):
     )
     prepare: Prepare | None = describe("Preparation pipeline; unset tokenizes the sources as they are.", default=None)
     replay: Replay | None = describe("Replay of earlier data (stage: continual).", default=None)
+    mix: list[MixSource] = describe(
+        "Other prepared corpora mixed into the training samples, each with its fraction; this job's own "
+        "data (data.sources) gets the rest. Evaluation stays on this job's own validation split.",
+        default_factory=list,
+        max_length=64,
+    )
 
     @model_validator(mode="after")
     def _fields_differ(self) -> Data:
         if self.format == "sft" and self.prompt_field == self.response_field:
             raise rule_error("responseField", "promptField and responseField must name different fields")
+        self._mix_rules()
         return self
+
+    def _mix_rules(self) -> None:
+        """The mix must leave room for this job's own data and name each corpus once."""
+        seen = {uri.rstrip("/"): "data.replay.sources" for uri in (self.replay.sources if self.replay else [])}
+        for i, source in enumerate(self.mix):
+            key = source.uri.rstrip("/")
+            if key in seen:
+                raise rule_error(
+                    f"mix[{i}].uri", f"{source.uri} is already in {seen[key]}; list each prepared data directory once"
+                )
+            seen[key] = f"data.mix[{i}]"
+        total = sum(source.fraction for source in self.mix)
+        if self.replay is not None:
+            total += self.replay.fraction
+        if self.mix and total >= 1.0:
+            named = "data.mix fractions" + (" and data.replay.fraction" if self.replay is not None else "")
+            raise rule_error(
+                "mix",
+                f"the {named} add up to {total:g}, leaving nothing for data.sources; keep the sum below 1 "
+                "(e.g. 0.3 for 30% mixed-in data)",
+            )

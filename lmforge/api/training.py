@@ -378,12 +378,13 @@ class TrainingJobSpec(SpecModel):
                 "earlier job's checkpoints and overwrite its model; give this job its own output.uri",
             )
         prepared = (self.data.prepared_uri or output + "data").rstrip("/")
-        for path, uri in self.earlier_data:
+        mixed = [(f"data.mix[{i}].uri", source.uri) for i, source in enumerate(self.data.mix)]
+        for path, uri in [*self.earlier_data, *mixed]:
             if uri.rstrip("/") == prepared:
                 raise rule_error(
                     path,
                     f"{uri} is where this job writes its own prepared data (data.preparedUri, default "
-                    "OUTPUT/data); point it at the earlier job's data, or set data.preparedUri elsewhere",
+                    "OUTPUT/data); point it at another job's prepared data, or set data.preparedUri elsewhere",
                 )
         settings = self.continual
         if settings is None:

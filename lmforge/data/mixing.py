@@ -185,7 +185,8 @@ class MixedReader:
             if len(positions) != len(self.readers):
                 raise ValueError(
                     f"the saved data mix has {len(positions)} sources and this run has {len(self.readers)}; "
-                    "keep data.replay.sources as they were for this run, or start it with a fresh output/checkpoint URI"
+                    "keep data.mix and data.replay.sources as they were for this run, or start it with a fresh "
+                    "output/checkpoint URI"
                 )
             saved_weights = [float(w) for w in state.get("weights", self.weights)]
             if any(abs(a - b) > 1e-12 for a, b in zip(saved_weights, self.weights, strict=True)):
@@ -237,3 +238,28 @@ class MixedReader:
     def close(self) -> None:
         for reader in self.readers:
             reader.close()
+
+
+def mix_by_fraction(
+    own: SampleReader,
+    extras: Sequence[tuple[str, SampleReader, float]],
+    *,
+    own_name: str,
+    rank: int,
+    world_size: int,
+    seed: int,
+) -> SampleReader | MixedReader:
+    """``own`` alone, or mixed with ``(name, reader, fraction)`` sources; ``own`` gets ``1 - sum(fractions)``."""
+    if not extras:
+        return own
+    rest = 1.0 - sum(fraction for _, _, fraction in extras)
+    if not rest > 0.0:
+        raise ValueError(f"the mixed-in fractions add up to {1.0 - rest:g}; keep them below 1")
+    return MixedReader(
+        [own, *(reader for _, reader, _ in extras)],
+        [rest, *(fraction for _, _, fraction in extras)],
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        names=[own_name, *(name for name, _, _ in extras)],
+    )

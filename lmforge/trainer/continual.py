@@ -4,10 +4,10 @@ The earlier data is the earlier jobs' *prepared* data (``data.replay.sources``, 
 ``continual.earlierData``): directories holding ``train/`` and ``val/`` split indexes and shards, as
 :func:`lmforge.data.tokenize.prepare_data` writes them. Their ``index.json`` records the hash of
 the tokenizer that made them; it must equal this job's, or the token ids mean different things
-(the run stops with exit 78 naming the field and the fix).
+(the run stops with exit 78 naming the field and the fix: :mod:`lmforge.data.prepared`).
 
 - Replay: the train reader becomes a :class:`lmforge.data.mixing.MixedReader` of the new training
-  split (weight ``1 - fraction``) and each replay source's ``train/`` (together ``fraction``, split
+  split (with ``data.mix``, if any) and each replay source's ``train/`` (together ``fraction``, split
   across the sources in proportion to their number of training samples, so a big earlier corpus
   is not under-sampled relative to a small one). Its state rides in the checkpoint like the plain
   reader's.
@@ -35,12 +35,11 @@ from typing import Any
 import torch
 
 from lmforge.data.mixing import MixedReader
+from lmforge.data.prepared import open_prepared_split
 from lmforge.data.reader import SampleReader
-from lmforge.data.shards import read_index
-from lmforge.data.storage import Storage, join_uri, storage_for
+from lmforge.data.storage import Storage, storage_for
 from lmforge.data.tokenizer import tokenizer_hash
 from lmforge.trainer.ewc import EwcPenalty, estimate
-from lmforge.trainer.loop import InvalidForThisRun
 
 REPORT = "forgetting.json"
 
@@ -90,57 +89,29 @@ class ContinualRun:
         return cls(spec, tokenizer, rank=rank, world_size=world_size)
 
     def _reader(self, source: EarlierSource, split: str, *, seed: int, shuffle: bool) -> SampleReader:
-        split_uri = join_uri(source.uri, split)
-        fix = (
-            "point it at the earlier job's prepared data (its data.preparedUri, default OUTPUT/data: "
-            "the directory holding tokenizer.json, train/ and val/)"
-        )
-        try:
-            index = read_index(split_uri, source.storage)
-        except FileNotFoundError:
-            raise InvalidForThisRun(f"{source.field}: {source.uri} has no {split}/index.json; {fix}") from None
-        theirs = index.get("tokenizer_hash")
-        if theirs != self.digest:
-            raise InvalidForThisRun(
-                f"{source.field}: {source.uri} was tokenized with a different tokenizer (hash {theirs}, this "
-                f"job's is {self.digest}), so its token ids mean other words; set tokenizer.uri to the earlier "
-                f"model's tokenizer.json (e.g. {join_uri(source.uri, 'tokenizer.json')}) so both use the same "
-                "one, or prepare that data again with this job's tokenizer"
-            )
-        reader = SampleReader(
-            split_uri,
+        return open_prepared_split(
+            source.field,
+            source.uri,
+            split,
             source.storage,
-            self.spec.model.context_length,
+            tokenizer_digest=self.digest,
+            context_length=self.spec.model.context_length,
             rank=self.rank,
             world_size=self.world_size,
             seed=seed,
             shuffle=shuffle,
         )
-        if reader.num_samples == 0:
-            raise InvalidForThisRun(
-                f"{source.field}: {split_uri} holds {reader.total_tokens} tokens, too few for one sample of "
-                f"model.contextLength + 1 = {self.spec.model.context_length + 1}; use more earlier data "
-                "(or a larger data.validationFraction when it was prepared)"
-            )
-        return reader
 
     # --- replay ------------------------------------------------------------------------------
 
-    def train_reader(self, new_data: SampleReader) -> SampleReader | MixedReader:
-        """The new data alone, or mixed with the replay sources (see the module docstring)."""
+    def replay_sources(self) -> list[tuple[str, SampleReader, float]]:
+        """``(field, train reader, fraction)`` of each replay source for the training mix (see the module
+        docstring); empty without data.replay."""
         if self.replay_fraction is None:
-            return new_data
-        replay = [s.train for s in self.sources if s.train is not None]
-        total = sum(r.num_samples for r in replay)
-        weights = [1.0 - self.replay_fraction] + [self.replay_fraction * r.num_samples / total for r in replay]
-        return MixedReader(
-            [new_data, *replay],
-            weights,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=self.spec.training.seed,
-            names=["data.sources", *(s.field for s in self.sources)],
-        )
+            return []
+        replay = [(s.field, s.train) for s in self.sources if s.train is not None]
+        total = sum(reader.num_samples for _, reader in replay)
+        return [(field, reader, self.replay_fraction * reader.num_samples / total) for field, reader in replay]
 
     # --- EWC ---------------------------------------------------------------------------------
 
@@ -190,13 +161,14 @@ class ContinualRun:
             "replay": None,
             "ewc": ewc.summary() if ewc is not None else None,
         }
-        if isinstance(train_reader, MixedReader):
-            counts = train_reader.counts()
-            replayed = sum(counts["global"][1:])
+        if isinstance(train_reader, MixedReader) and self.replay_fraction is not None:
+            counts = dict(zip(train_reader.counts()["sources"], train_reader.counts()["global"], strict=True))
+            fields = {s.field for s in self.sources}
+            replayed = sum(count for name, count in counts.items() if name in fields)
             report["replay"] = {
                 "fraction": self.replay_fraction,
                 "realised_fraction": replayed / max(1, train_reader.position),
-                "samples": dict(zip(counts["sources"], counts["global"], strict=True)),
+                "samples": counts,
             }
         return report
 

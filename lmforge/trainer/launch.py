@@ -125,6 +125,7 @@ def worker_main(manifest_json: str, threads: int | None, mode: str = "train") ->
     import logging
 
     from lmforge.api.manifest import TrainingJob
+    from lmforge.data.prepared import UnusablePreparedData
     from lmforge.trainer.loop import InvalidForThisRun, find_lr, train
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -136,7 +137,7 @@ def worker_main(manifest_json: str, threads: int | None, mode: str = "train") ->
             suggestion = find_lr(manifest, threads=threads)
             return {"suggestion": suggestion} if int(os.environ.get("RANK", 0)) == 0 else None
         result = train(manifest, threads=threads)
-    except InvalidForThisRun as exc:
+    except (InvalidForThisRun, UnusablePreparedData) as exc:
         print(f"error: invalid spec: {exc}", file=sys.stderr, flush=True)
         sys.exit(exitcodes.INVALID_SPEC)
     except SystemExit:

@@ -48,6 +48,8 @@ class RunResult:
     peak_lr: float | None = None
     losses: list[float] = field(default_factory=list)
     forgetting: dict[str, Any] | None = None
+    data_mix: dict[str, Any] | None = None
+    """Per mixed source (data.mix, replay): the target fraction and the samples the world drew from it."""
     quality_gate: str | None = None
     """Set (on every rank) when continual.maxForgetting failed: the launcher exits QUALITY_GATE with it."""
 
@@ -224,6 +226,7 @@ def find_lr(manifest: TrainingJob, *, threads: int | None = None) -> float:
 
 def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
     """Train the manifest's model in this process's slot of the world."""
+    from lmforge.data.mixing import mix_by_fraction
     from lmforge.data.storage import join_uri, storage_for
     from lmforge.data.workers import open_reader
     from lmforge.trainer.checkpoint import (
@@ -297,10 +300,13 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
     def evaluate(split_reader: Any) -> float:
         return _evaluate(engine, split_reader, spec.training.eval_batches, micro, ctx.world_size, device)
 
-    forgetting_before: list[float] = []
-    if continual is not None:  # the mix replaces the plain reader; before: the initial weights' losses
-        train_reader = continual.train_reader(train_reader)
-        forgetting_before = continual.measure(evaluate)
+    # data.mix and replay: the training reader becomes a deterministic mix of this job's data and them.
+    extras = _mix_sources(spec, prepared.tokenizer, ctx.rank, ctx.world_size)
+    extras += continual.replay_sources() if continual is not None else []
+    train_reader = mix_by_fraction(
+        train_reader, extras, own_name="data.sources", rank=ctx.rank, world_size=ctx.world_size, seed=spec.training.seed
+    )
+    forgetting_before = continual.measure(evaluate) if continual is not None else []  # the initial weights
 
     # 4. Resume from the newest committed checkpoint, whatever stopped the last attempt.
     step = 0
@@ -463,6 +469,14 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
     progress.close()
     result.steps = step
     result.tokens = tokens
+    if hasattr(train_reader, "counts"):  # a MixedReader: what each source really contributed
+        counts = train_reader.counts()
+        result.data_mix = {
+            name: {"weight": weight, "samples": drawn, "fraction": fraction}
+            for name, weight, drawn, fraction in zip(
+                counts["sources"], counts["weights"], counts["global"], counts["fractions"], strict=True
+            )
+        }
     result.final_eval_loss = last_eval
     if not preempted:
         if continual is not None and continual.sources:
@@ -523,6 +537,34 @@ def _export(
     return join_uri(spec.output.uri, "model")
 
 
+def _mix_sources(spec: Any, tokenizer: Any, rank: int, world_size: int) -> list[tuple[str, Any, float]]:
+    """``(field, train reader, fraction)`` of each ``data.mix`` entry, checked against this job's tokenizer."""
+    from lmforge.data.prepared import open_prepared_split
+    from lmforge.data.storage import storage_for
+    from lmforge.data.tokenizer import tokenizer_hash
+
+    digest = tokenizer_hash(tokenizer) if spec.data.mix else ""
+    return [
+        (
+            f"data.mix[{i}]",
+            open_prepared_split(
+                f"data.mix[{i}].uri",
+                source.uri,
+                "train",
+                storage_for(source.uri, spec.s3),
+                tokenizer_digest=digest,
+                context_length=spec.model.context_length,
+                rank=rank,
+                world_size=world_size,
+                seed=spec.training.seed + 1000 + i,  # each source its own epoch order
+                shuffle=True,
+            ),
+            source.fraction,
+        )
+        for i, source in enumerate(spec.data.mix)
+    ]
+
+
 def _write_summary(result: RunResult, spec: Any, output_dir: Path, storage: Any, started: float) -> None:
     summary = {
         "steps": result.steps,
@@ -538,6 +580,8 @@ def _write_summary(result: RunResult, spec: Any, output_dir: Path, storage: Any,
         "seconds": time.time() - started,
         "model_uri": result.model_uri,
     }
+    if result.data_mix is not None:
+        summary["data_mix"] = result.data_mix
     if result.forgetting is not None:
         from lmforge.trainer.continual import summary_entry
 
