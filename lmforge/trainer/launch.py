@@ -120,6 +120,16 @@ class RunOutcome:
     message: str | None = None
 
 
+def _leave_world() -> None:
+    """Tear the process group down after the final barrier: at ZeRO 3 a rank that exits with the group
+    still up can abort in gloo's destructor and turn a finished run into a failed one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def worker_main(manifest_json: str, threads: int | None, mode: str = "train") -> dict[str, Any] | None:
     """Entry point of every trainer process (spawned by torch's elastic agent)."""
     import logging
@@ -135,6 +145,7 @@ def worker_main(manifest_json: str, threads: int | None, mode: str = "train") ->
     try:
         if mode == "lr-find":
             suggestion = find_lr(manifest, threads=threads)
+            _leave_world()
             return {"suggestion": suggestion} if int(os.environ.get("RANK", 0)) == 0 else None
         result = train(manifest, threads=threads)
     except (InvalidForThisRun, UnusablePreparedData) as exc:
@@ -146,6 +157,7 @@ def worker_main(manifest_json: str, threads: int | None, mode: str = "train") ->
         traceback.print_exc()
         sys.stderr.flush()
         sys.exit(exitcodes.RETRYABLE)
+    _leave_world()
     if int(os.environ.get("RANK", 0)) == 0:
         return asdict(result)
     return {"quality_gate": result.quality_gate} if result.quality_gate else None  # so every node exits 3
