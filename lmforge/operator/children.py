@@ -117,12 +117,16 @@ def pod_manifest(manifest: Manifest) -> dict[str, Any]:
     return body
 
 
+_SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+"""libyaml's safe dumper when PyYAML has it: the pure-Python one was 7% of the operator's CPU per new job."""
+
+
 def config_map(manifest: Manifest) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": config_map_name(manifest.metadata.name), "labels": selector_labels(manifest)},
-        "data": {CONFIG_KEY: yaml.safe_dump(pod_manifest(manifest), sort_keys=False)},
+        "data": {CONFIG_KEY: yaml.dump(pod_manifest(manifest), Dumper=_SAFE_DUMPER, sort_keys=False)},
     }
 
 
