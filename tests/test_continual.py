@@ -256,3 +256,25 @@ def test_ewc_penalty_is_zero_at_the_start_and_pulls_back_where_the_fisher_is_lar
         fisher = penalty.fisher[name]
         assert torch.all(param.grad >= 0)  # every weight moved up, so the penalty pushes it down
         assert torch.allclose(param.grad, 2.0 * fisher * 0.1, rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_initial_model_with_another_tokenizer_is_refused_before_training(world: dict[str, Path]) -> None:
+    base = world["base"]
+    job = yaml.safe_load(_continual_job(base, "newtok", world["b"], world["job1"], world["data1"]).read_text())
+    job["spec"]["tokenizer"] = {"vocabSize": 512}  # same size as job 1's, other merges (trained on corpus B)
+    result = lmforge("run", str(write_job(base / "newtok.yaml", job)))
+    assert result.returncode == 78, result.stderr[-3000:]
+    assert "model.initialModel" in result.stderr and "another tokenizer" in result.stderr
+    assert f"set tokenizer.uri to file://{world['job1']}/model/tokenizer.json" in result.stderr
+    assert "Traceback" not in result.stderr and not (base / "newtok" / "model").exists()
+
+
+@pytest.mark.slow
+def test_initial_model_of_another_shape_is_a_spec_error_not_a_retry(world: dict[str, Path]) -> None:
+    base = world["base"]
+    job = yaml.safe_load(_continual_job(base, "wide", world["b"], world["job1"], world["data1"]).read_text())
+    job["spec"]["model"]["width"] = 128
+    result = lmforge("run", str(write_job(base / "wide.yaml", job)))
+    assert result.returncode == 78, result.stderr[-3000:]  # 75 would make the operator retry it forever
+    assert "does not match spec.model" in result.stderr and "Traceback" not in result.stderr

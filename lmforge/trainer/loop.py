@@ -216,7 +216,7 @@ def find_lr(manifest: TrainingJob, *, threads: int | None = None) -> float:
     def factory() -> torch.nn.Module:
         model = GPT(config)
         if spec.model.initial_model is not None:
-            _load_initial_weights(model, spec.model.initial_model, spec)
+            _load_initial_weights(model, spec.model.initial_model, spec, run.prepared.tokenizer)
         return model
 
     suggestion = find_learning_rate(spec, run.prepared, run.ctx, model_factory=factory, device=run.device)
@@ -250,9 +250,15 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
     # 2. Model, with the same initial weights on every rank.
     torch.manual_seed(spec.training.seed)
     config = GPTConfig.from_spec(spec.model, prepared.vocab_size)
-    model = GPT(config)
-    if spec.model.initial_model is not None:
-        _load_initial_weights(model, spec.model.initial_model, spec)
+
+    def fresh_model() -> GPT:
+        """The run's starting weights: random, or model.initialModel's (finetune, continual)."""
+        model = GPT(config)
+        if spec.model.initial_model is not None:
+            _load_initial_weights(model, spec.model.initial_model, spec, prepared.tokenizer)
+        return model
+
+    model = fresh_model()
 
     total_steps = spec.total_steps(ctx.world_size)
     checkpoints = CheckpointLocation(
@@ -269,11 +275,11 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
     elif peak_lr == "auto":
         from lmforge.trainer.lr_finder import find_learning_rate
 
-        peak_lr = find_learning_rate(spec, prepared, ctx, model_factory=lambda: GPT(config), device=device)
+        # The range test starts from the weights the run starts from (a fine-tune's best LR is not a
+        # fresh model's).
+        peak_lr = find_learning_rate(spec, prepared, ctx, model_factory=fresh_model, device=device)
         torch.manual_seed(spec.training.seed)
-        model = GPT(config)
-        if spec.model.initial_model is not None:
-            _load_initial_weights(model, spec.model.initial_model, spec)
+        model = fresh_model()
     ewc = continual.ewc(model, device) if continual is not None else None
     engine = initialize(model, spec, ctx.world_size, peak_lr=float(peak_lr))
     accumulation = spec.gradient_accumulation_steps(ctx.world_size)
@@ -590,13 +596,37 @@ def _write_summary(result: RunResult, spec: Any, output_dir: Path, storage: Any,
     _publish(storage, output_dir, spec.output.uri, ["summary.json"])
 
 
-def _load_initial_weights(model: torch.nn.Module, uri: str, spec: Any) -> None:
-    """Start from an exported model (finetune / continual): same shape required."""
+def _load_initial_weights(model: torch.nn.Module, uri: str, spec: Any, tokenizer: Any) -> None:
+    """Start from an exported model (finetune / continual): same tokenizer and shape required.
+
+    Why the tokenizer check: a model trained with other merges but the same vocabulary size loads
+    without complaint and then reads every token id as a different word; that would waste the whole
+    run, so it is refused up front with the fix (exit 78).
+    """
+    from tokenizers import Tokenizer
+
+    from lmforge.data.tokenizer import tokenizer_hash
     from lmforge.trainer.export import load_model
 
     directory = _materialize(uri, spec)
+    theirs_file = directory / "tokenizer.json"
+    if theirs_file.is_file():
+        theirs, ours = tokenizer_hash(Tokenizer.from_file(str(theirs_file))), tokenizer_hash(tokenizer)
+        if theirs != ours:
+            raise InvalidForThisRun(
+                f"model.initialModel {uri} was trained with another tokenizer (hash {theirs}, this job's is "
+                f"{ours}), so its embeddings belong to other token ids; set tokenizer.uri to "
+                f"{uri.rstrip('/')}/tokenizer.json"
+            )
     source, _ = load_model(directory)
-    missing = model.load_state_dict(source.state_dict(), strict=False)
+    try:
+        missing = model.load_state_dict(source.state_dict(), strict=False)
+    except RuntimeError as exc:  # shape mismatches: a spec error, never worth a retry
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise InvalidForThisRun(
+            f"model.initialModel {uri} does not match spec.model ({first}); make spec.model the shape of that "
+            "model (layers, width, heads, kvHeads, ffnSize) and tokenizer.vocabSize its vocabulary"
+        ) from None
     if missing.missing_keys or missing.unexpected_keys:
         raise InvalidForThisRun(
             f"model.initialModel {uri} does not match spec.model: missing {missing.missing_keys[:3]}, "
