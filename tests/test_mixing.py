@@ -148,3 +148,24 @@ def test_saved_mix_with_other_sources_is_a_clear_error(sources: list[str]) -> No
 def test_bad_weights_are_clear_errors(sources: list[str], weights: list[float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MixedReader(_readers(sources), weights)
+
+
+def test_chunked_batches_are_exactly_the_sample_by_sample_mix(sources: list[str]) -> None:
+    """The vectorized read ahead (one read per source per chunk) hands out what per-sample reads would,
+    with the state after every step, also across a chunk boundary and a change of batch size."""
+    mixer = _mix(sources, [0.6, 0.3, 0.1], rank=1, world=3)
+    reference = _readers(sources)
+    positions = np.array([0, 1, 2, 2**31 + 5, 2**40 + 7, 2**52 + 11], dtype=np.int64)
+    assert mixer.sources_of(positions).tolist() == [mixer.source_of(int(p)) for p in positions]
+    expected_state = [0, 0, 0]
+    for step, batch in enumerate([4] * 1100 + [3] * 5):  # crosses chunk boundaries
+        start = mixer.position
+        x, _ = mixer.next_batch(batch)
+        wanted = []
+        for k in range(3 * batch):
+            source = mixer.source_of(start + k)
+            if batch <= k < 2 * batch:
+                wanted.append(reference[source].sample(reference[source].sample_index(expected_state[source]))[0])
+            expected_state[source] += 1
+        assert np.array_equal(x.numpy(), np.stack(wanted)), step
+        assert mixer.state_dict()["source_positions"] == expected_state

@@ -23,7 +23,7 @@ walks the ``world_size x B`` positions of the step (rank ``r`` keeps ``[r*B, (r+
 and advances every ``q_k``, so all ranks hold the same state and a checkpoint resumes exactly, also
 with a different world size.
 
-Only the public API of :class:`lmforge.data.reader.SampleReader` is used (``sample_index``,
+Only the public API of :class:`lmforge.data.reader.SampleReader` is used (``samples_at``, ``sample_index``,
 ``sample``, ``num_samples``, ``position``, ``state_dict``, ``load_state_dict``, ``close``).
 """
 
@@ -33,6 +33,7 @@ import bisect
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,20 @@ def _thresholds(weights: Sequence[float]) -> list[int]:
         running += float(weight)
         cuts.append(min(1 << 64, int(running / total * (1 << 64))))
     return [*cuts, 1 << 64]
+
+
+@dataclass
+class _Chunk:
+    """Steps of this rank assembled ahead: rows of ``x``/``y``, and the mix state after each step."""
+
+    start: int  # the mixed position the next step starts at
+    batch: int
+    steps: int
+    step: int  # the next step to hand out
+    x: np.ndarray
+    y: np.ndarray
+    source_positions: np.ndarray  # [steps, sources]: every source's position after each step
+    mine: np.ndarray  # [steps, sources]: samples this rank drew from each source in each step
 
 
 class MixedReader:
@@ -113,6 +128,7 @@ class MixedReader:
         self.source_positions = [0] * len(self.readers)
         self.samples_read_per_source = [0] * len(self.readers)
         self._wait_seconds = 0.0
+        self._chunk: _Chunk | None = None
 
     # --- assignment and state ----------------------------------------------------------------
 
@@ -202,38 +218,74 @@ class MixedReader:
         for i, (reader, saved) in enumerate(zip(self.readers, state.get("sources") or [], strict=False)):
             reader.load_state_dict({**saved, "position": positions[i]})
         self.position = position
+        self._chunk = None
         self.source_positions = positions
         for reader, q in zip(self.readers, positions, strict=True):
             reader.position = q
 
     # --- reading -----------------------------------------------------------------------------
 
+    def sources_of(self, positions: np.ndarray) -> np.ndarray:
+        """:meth:`source_of` for many positions at once (uint64 arithmetic wraps mod 2**64 like the masks)."""
+        u = np.uint64(self._offset) + np.asarray(positions, dtype=np.uint64) * np.uint64(_GOLDEN)
+        cuts = np.array([min(c, _MASK) for c in self._cuts[:-1]], dtype=np.uint64)
+        return np.searchsorted(cuts, u, side="right") if cuts.shape[0] else np.zeros(u.shape[0], dtype=np.int64)
+
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next ``batch_size`` mixed samples as LongTensors ``x``, ``y`` of shape ``[B, T]``."""
         started = time.perf_counter()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        positions = list(self.source_positions)
-        mine: list[tuple[int, int]] = []
-        first, last = self.rank * batch_size, (self.rank + 1) * batch_size
-        for k in range(self.world_size * batch_size):
-            source = self.source_of(self.position + k)
-            if first <= k < last:
-                mine.append((source, positions[source]))
-            positions[source] += 1
-        context = self.readers[0].context_length
-        x = np.empty((batch_size, context), dtype=np.int64)
-        y = np.empty((batch_size, context), dtype=np.int64)
-        for j, (source, q) in enumerate(mine):
-            reader = self.readers[source]
-            x[j], y[j] = reader.sample(reader.sample_index(q))
-            self.samples_read_per_source[source] += 1
+        chunk = self._chunk
+        if chunk is None or chunk.start != self.position or chunk.batch != batch_size or chunk.step >= chunk.steps:
+            chunk = self._chunk = self._assemble(batch_size)
+        step = chunk.step
+        rows = slice(step * batch_size, (step + 1) * batch_size)
+        x, y = chunk.x[rows], chunk.y[rows]
         self.position += self.world_size * batch_size
-        self.source_positions = positions
-        for reader, q in zip(self.readers, positions, strict=True):
+        self.source_positions = chunk.source_positions[step].tolist()
+        for k, count in enumerate(chunk.mine[step].tolist()):
+            self.samples_read_per_source[k] += count
+        for reader, q in zip(self.readers, self.source_positions, strict=True):
             reader.position = q
+        chunk.step += 1
+        chunk.start = self.position
         self._wait_seconds += time.perf_counter() - started
         return torch.from_numpy(x), torch.from_numpy(y)
+
+    def _assemble(self, batch_size: int) -> _Chunk:
+        """The next few steps of this rank in one vectorized read per source.
+
+        Reading sample by sample cost ~7x the plain reader; a chunk of up to 4096 of this rank's
+        samples (and at most 16 MiB of ``x`` and ``y``) reads each source once.
+        """
+        context = int(self.readers[0].context_length)
+        per_step = self.world_size * batch_size
+        rows = max(batch_size, min(4096, (16 << 20) // (16 * context)))
+        steps = max(1, rows // batch_size)
+        count = len(self.readers)
+        sources = self.sources_of(self.position + np.arange(steps * per_step, dtype=np.int64)).astype(np.int64)
+        source_positions = np.empty(sources.shape[0], dtype=np.int64)  # each mixed sample's position in its source
+        for k in range(count):
+            where = np.flatnonzero(sources == k)
+            source_positions[where] = self.source_positions[k] + np.arange(where.shape[0], dtype=np.int64)
+        by_step = sources.reshape(steps, per_step)
+        totals = np.stack([np.bincount(row, minlength=count) for row in by_step])
+        after = np.asarray(self.source_positions, dtype=np.int64)[None, :] + np.cumsum(totals, axis=0)
+        first = self.rank * batch_size
+        mine = (np.arange(steps, dtype=np.int64)[:, None] * per_step + first + np.arange(batch_size)[None, :]).reshape(
+            -1
+        )
+        x = np.empty((mine.shape[0], context), dtype=np.int64)
+        y = np.empty((mine.shape[0], context), dtype=np.int64)
+        for k, reader in enumerate(self.readers):
+            rows_of_k = np.flatnonzero(sources[mine] == k)
+            if rows_of_k.shape[0]:
+                x[rows_of_k], y[rows_of_k] = reader.samples_at(source_positions[mine[rows_of_k]])
+        mine_counts = np.stack(
+            [np.bincount(sources[mine].reshape(steps, batch_size)[s], minlength=count) for s in range(steps)]
+        )
+        return _Chunk(self.position, batch_size, steps, 0, x, y, after, mine_counts)
 
     def close(self) -> None:
         for reader in self.readers:

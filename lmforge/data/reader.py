@@ -562,6 +562,17 @@ class SampleReader:
     def _sample_bytes(self) -> int:
         return (self.context_length + 1) * (self.dtype.itemsize + (1 if self.has_mask else 0))
 
+    def samples_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The samples at global ``positions`` (this reader's epoch order) as int64 ``x``, ``y`` of shape
+        ``[len(positions), T]``, in one vectorized read; the reader's own position does not move (a
+        :class:`lmforge.data.mixing.MixedReader` keeps the positions)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.shape[0] == 0:
+            empty = np.empty((0, self.context_length), dtype=np.int64)
+            return empty, empty.copy()
+        self.bytes_read += positions.shape[0] * self._sample_bytes
+        return self._batch(self._sample_indices(positions))
+
     def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample ``index`` as int64 arrays ``(x, y)`` of length ``context_length``."""
         self.bytes_read += self._sample_bytes
