@@ -18,6 +18,9 @@ In one invocation:
 
     python bench/streaming.py [--mb 128] [--shard-mb 16] [--range-mb 4] [--quickstart-steps 40]
 
+5. the same reader over the same shards on local disk: the consumer's own ceiling (building int64
+   ``x`` and ``y`` batches), which bounds the loader / raw ratio whatever the storage does.
+
 Targets: loader / raw >= 0.9; loader / quickstart consumption >= 10.
 """
 
@@ -95,6 +98,26 @@ def loader_epoch(endpoint: str, context: int, batch: int, settings: StreamSettin
         samples, fetched = reader.samples_read, reader.bytes_fetched
         reader.close()
     return seconds, samples, fetched
+
+
+def local_epoch(context: int, batch: int, tokens: int, vocab: int, shard_tokens: int) -> tuple[float, int]:
+    """The same reader over the same kind of shards on local disk: what the consumer side (batch
+    building) alone can do, i.e. the ceiling any S3 path can reach in this process."""
+    from lmforge.data.storage import LocalStorage
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"file://{tmp}/train"
+        with ShardWriter(uri, LocalStorage(), "bench", vocab, shard_tokens=shard_tokens) as w:
+            for start in range(0, tokens, 1 << 22):
+                w.add(rng.integers(0, vocab, size=min(1 << 22, tokens - start)))
+        reader = SampleReader(uri, LocalStorage(), context, seed=0)
+        reader.next_batch(batch)  # page the files in: the S3 runs read from a cache that was just written
+        started = time.perf_counter()
+        for _ in range(reader.num_samples // batch - 1):
+            reader.next_batch(batch)
+        seconds = time.perf_counter() - started
+        return seconds, reader.samples_read - batch
 
 
 def quickstart_consumption(steps: int) -> float:
@@ -177,6 +200,13 @@ def main() -> None:
             f"loader, {name}: {sps:,.0f} samples/s ({fetched / seconds / 2**20:.1f} MiB/s fetched, "
             f"{samples} samples in {seconds:.2f} s); loader / raw = {sps / raw_sps:.2f} (target >= 0.9)"
         )
+
+    local_seconds, local_samples = local_epoch(context, batch, tokens, vocab, args.shard_mb * (1 << 20) // 2)
+    local_sps = local_samples / local_seconds
+    print(
+        f"same reader over local files (the consumer's own ceiling, no S3): {local_sps:,.0f} samples/s = "
+        f"{local_sps / raw_sps:.2f} x raw; S3 loader / local = {loader_rates['whole-object GETs'] / local_sps:.2f}"
+    )
 
     if args.quickstart_tps is not None:
         tps, source = args.quickstart_tps, "given with --quickstart-tps"
