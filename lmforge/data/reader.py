@@ -313,6 +313,13 @@ class SampleReader:
             self._token_file.append(self._add_file(shard["name"], shard.get("sha256"), count * self.dtype.itemsize))
             mask = shard.get("mask")
             self._mask_file.append(self._add_file(mask, shard.get("mask_sha256"), count) if mask else None)
+        # The same tables as arrays, built once: the vectorized reads index them per sample.
+        self._shard_starts = np.array(self._starts, dtype=np.int64)
+        self._shard_tokens = np.array([int(s["tokens"]) for s in self.shards], dtype=np.int64)
+        self._shard_token_file = np.array(self._token_file, dtype=np.int64)
+        self._shard_mask_file = np.array([-1 if m is None else m for m in self._mask_file], dtype=np.int64)
+        self._file_first_block = np.array([f.first_block for f in self._files], dtype=np.int64)
+        self._file_block_size = np.array([f.block_size for f in self._files], dtype=np.int64)
         self.cache: BlockCache | None = None
         if self.remote:
             root = cache or cache_dir("shards")
@@ -614,9 +621,8 @@ class SampleReader:
                 rows[chosen] = view[offsets[chosen, None] + span]
                 done |= chosen
             return rows, done
-        per_block = np.array([self._files[f].block_size // size for f in files.tolist()], dtype=np.int64)
-        firsts = np.array([self._files[f].first_block for f in files.tolist()], dtype=np.int64)
-        blocks = firsts + offsets // per_block
+        per_block = self._file_block_size[files] // size
+        blocks = self._file_first_block[files] + offsets // per_block
         within = offsets % per_block
         assert self.cache is not None
         for block in np.unique(blocks).tolist():
@@ -637,16 +643,14 @@ class SampleReader:
         sample by sample only for the few windows that cross a shard or block boundary."""
         length = self.context_length + 1
         first = samples * self.context_length
-        starts = np.asarray(self._starts, dtype=np.int64)
-        shard = np.searchsorted(starts, first, side="right") - 1
-        offsets = first - starts[shard]
-        counts = np.array([int(s["tokens"]) for s in self.shards], dtype=np.int64)
-        inside = offsets + length <= counts[shard]
-        token_files = np.asarray(self._token_file, dtype=np.int64)[shard]
+        shard = np.searchsorted(self._shard_starts, first, side="right") - 1
+        offsets = first - self._shard_starts[shard]
+        inside = offsets + length <= self._shard_tokens[shard]
+        token_files = self._shard_token_file[shard]
         tokens, done = self._gather(token_files[inside], offsets[inside], length, self.dtype)
         mask_rows = None
         if self.has_mask:
-            mask_of = np.array([-1 if m is None else m for m in self._mask_file], dtype=np.int64)[shard[inside]]
+            mask_of = self._shard_mask_file[shard[inside]]
             mask_rows = np.ones((tokens.shape[0], length), dtype=np.uint8)
             with_mask = mask_of >= 0
             mask_offsets = offsets[inside][with_mask]
@@ -674,16 +678,15 @@ class SampleReader:
         return x, y
 
     def _layout(self) -> _Layout:
-        def column(files: list[int | None], attr: str) -> np.ndarray:
-            missing = -1 if attr == "first_block" else 1
-            return np.array([missing if f is None else getattr(self._files[f], attr) for f in files], dtype=np.int64)
-
+        masks = self._shard_mask_file
+        has_mask = masks >= 0
+        mask_files = np.where(has_mask, masks, 0)  # any valid index where there is no mask; masked out below
         return _Layout(
-            starts=np.array(self._starts, dtype=np.int64),
-            token_block=column(list(self._token_file), "first_block"),
-            token_block_size=column(list(self._token_file), "block_size"),
-            mask_block=column(self._mask_file, "first_block"),
-            mask_block_size=column(self._mask_file, "block_size"),
+            starts=self._shard_starts,
+            token_block=self._file_first_block[self._shard_token_file],
+            token_block_size=self._file_block_size[self._shard_token_file],
+            mask_block=np.where(has_mask, self._file_first_block[mask_files], -1),
+            mask_block_size=np.where(has_mask, self._file_block_size[mask_files], 1),
             itemsize=self.dtype.itemsize,
             context_length=self.context_length,
             num_samples=self.num_samples,
