@@ -27,6 +27,15 @@ PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 MISSING = "Prometheus is not installed (Debian: apt-get install -y prometheus; .ci/run does it)"
 
+ALERTS = {
+    "LmforgeJobFailed",
+    "LmforgeJobStalled",
+    "LmforgeRestartsClimbing",
+    "LmforgeTokensPerSecondCollapsed",
+    "LmforgeCheckpointTooOld",
+}
+"""The alerts the chart's PrometheusRule must define (the issue's list)."""
+
 # Grafana's variables, as the dashboard would expand them with "All" selected.
 GRAFANA_VARIABLES = {
     "$__rate_interval": "30s",

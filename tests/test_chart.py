@@ -20,6 +20,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.monitoring_helpers import ALERTS
+
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "lmforge"
 RELEASE, NAMESPACE = "lmforge", "lmforge-system"
@@ -639,15 +641,6 @@ def test_servicemonitor_selects_the_metrics_service(chart: Any) -> None:
 def test_servicemonitor_without_service_fails_clearly(chart: Any) -> None:
     with pytest.raises(helm.HelmError, match="serviceMonitor.enabled needs metrics.service.enabled"):
         render(chart, {"serviceMonitor": {"enabled": True}, "metrics": {"service": {"enabled": False}}})
-
-
-ALERTS = {
-    "LmforgeJobFailed",
-    "LmforgeJobStalled",
-    "LmforgeRestartsClimbing",
-    "LmforgeTokensPerSecondCollapsed",
-    "LmforgeCheckpointTooOld",
-}
 
 
 def test_prometheusrule_has_the_alerts(chart: Any) -> None:

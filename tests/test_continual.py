@@ -22,35 +22,12 @@ import yaml
 
 from lmforge.trainer.ewc import estimate
 from lmforge.trainer.model import GPT, GPTConfig
-from tests.trainer_helpers import lmforge, step_records, tiny_job, write_job
+from tests.trainer_helpers import arithmetic_corpus, lmforge, sentences_corpus, step_records, tiny_job, write_job
 
 PEAK_LR = 3.0e-3
 WARMUP = 5
 STEPS = 60
 GATE = 0.5  # +50% perplexity allowed on the earlier data
-
-
-def _corpus_a(rng: random.Random, paragraphs: int) -> str:
-    names = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
-    verbs = ["paints", "finds", "carries", "washes", "buys", "sells", "draws", "keeps"]
-    adjectives = ["red", "blue", "green", "small", "large", "old", "new", "shiny"]
-    nouns = ["cat", "boat", "house", "lamp", "chair", "kite", "apple", "drum"]
-    return "\n\n".join(
-        " ".join(
-            f"{rng.choice(names)} {rng.choice(verbs)} the {rng.choice(adjectives)} {rng.choice(nouns)}."
-            for _ in range(6)
-        )
-        for _ in range(paragraphs)
-    )
-
-
-def _corpus_b(rng: random.Random, paragraphs: int) -> str:
-    def line() -> str:
-        a, b, op = rng.randint(0, 99), rng.randint(0, 99), rng.choice(["plus", "minus", "times"])
-        result = a + b if op == "plus" else a - b if op == "minus" else a * b
-        return f"{a} {op} {b} equals {result};"
-
-    return "\n\n".join(" ".join(line() for _ in range(6)) for _ in range(paragraphs))
 
 
 def _continual_job(base: Path, name: str, corpus_b: Path, job1: Path, data1: Path, **continual: Any) -> Path:
@@ -86,8 +63,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Corpora, job 1 (pretrained on A) and its prepared data."""
     base = tmp_path_factory.mktemp("continual")
     rng = random.Random(0)
-    (base / "a.txt").write_text(_corpus_a(rng, 1500) + "\n")
-    (base / "b.txt").write_text(_corpus_b(rng, 1500) + "\n")
+    (base / "a.txt").write_text(sentences_corpus(rng, 1500) + "\n")
+    (base / "b.txt").write_text(arithmetic_corpus(rng, 1500) + "\n")
     job1 = tiny_job(
         base / "job1",
         base / "data-a",

@@ -13,32 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer_helpers import lmforge, tiny_job, write_job
-
-
-def _sentences(rng: random.Random, paragraphs: int) -> str:
-    names, verbs, nouns = ["Alice", "Bob", "Carol", "Dave"], ["paints", "finds", "sells"], ["cat", "boat", "lamp"]
-    return "\n\n".join(
-        " ".join(f"{rng.choice(names)} {rng.choice(verbs)} the {rng.choice(nouns)}." for _ in range(6))
-        for _ in range(paragraphs)
-    )
-
-
-def _arithmetic(rng: random.Random, paragraphs: int) -> str:
-    return "\n\n".join(
-        " ".join(
-            f"{a} plus {b} equals {a + b};" for a, b in ((rng.randint(0, 99), rng.randint(0, 99)) for _ in range(6))
-        )
-        for _ in range(paragraphs)
-    )
+from tests.trainer_helpers import arithmetic_corpus, lmforge, sentences_corpus, tiny_job, write_job
 
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("mix")
     rng = random.Random(0)
-    (base / "a.txt").write_text(_sentences(rng, 600) + "\n")
-    (base / "b.txt").write_text(_arithmetic(rng, 600) + "\n")
+    (base / "a.txt").write_text(sentences_corpus(rng, 600) + "\n")
+    (base / "b.txt").write_text(arithmetic_corpus(rng, 600) + "\n")
     job_a = tiny_job(base / "job-a", base / "data-a", base / "a.txt")
     prepared = lmforge("prepare", str(write_job(base / "a.yaml", job_a)))
     assert prepared.returncode == 0, prepared.stderr[-2000:]

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tests.monitoring_helpers import (
+    ALERTS,
     MISSING,
     PROMETHEUS,
     PROMTOOL,
@@ -32,14 +33,6 @@ from tests.monitoring_helpers import (
     metric_names,
     rule_groups,
 )
-
-ALERTS = {
-    "LmforgeJobFailed",
-    "LmforgeJobStalled",
-    "LmforgeRestartsClimbing",
-    "LmforgeTokensPerSecondCollapsed",
-    "LmforgeCheckpointTooOld",
-}
 
 
 def test_metric_name_extraction() -> None:

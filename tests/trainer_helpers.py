@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -107,3 +108,29 @@ def step_records(out: Path, key: str = "loss") -> dict[int, dict[str, Any]]:
         if key in record:
             records[record["step"]] = record
     return records
+
+
+def sentences_corpus(rng: random.Random, paragraphs: int) -> str:
+    """Short sentences about people and things, 6 per paragraph (a corpus unlike arithmetic_corpus)."""
+    names = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
+    verbs = ["paints", "finds", "carries", "washes", "buys", "sells", "draws", "keeps"]
+    adjectives = ["red", "blue", "green", "small", "large", "old", "new", "shiny"]
+    nouns = ["cat", "boat", "house", "lamp", "chair", "kite", "apple", "drum"]
+    return "\n\n".join(
+        " ".join(
+            f"{rng.choice(names)} {rng.choice(verbs)} the {rng.choice(adjectives)} {rng.choice(nouns)}."
+            for _ in range(6)
+        )
+        for _ in range(paragraphs)
+    )
+
+
+def arithmetic_corpus(rng: random.Random, paragraphs: int) -> str:
+    """Arithmetic lines ('12 plus 30 equals 42;'), 6 per paragraph: disjoint from sentences_corpus."""
+
+    def line() -> str:
+        a, b, op = rng.randint(0, 99), rng.randint(0, 99), rng.choice(["plus", "minus", "times"])
+        result = a + b if op == "plus" else a - b if op == "minus" else a * b
+        return f"{a} {op} {b} equals {result};"
+
+    return "\n\n".join(" ".join(line() for _ in range(6)) for _ in range(paragraphs))
