@@ -269,22 +269,21 @@ class MixedReader:
         for k in range(count):
             where = np.flatnonzero(sources == k)
             source_positions[where] = self.source_positions[k] + np.arange(where.shape[0], dtype=np.int64)
-        by_step = sources.reshape(steps, per_step)
-        totals = np.stack([np.bincount(row, minlength=count) for row in by_step])
+        chosen = sources[:, None] == np.arange(count)[None, :]  # [samples, sources] one-hot
+        totals = chosen.reshape(steps, per_step, count).sum(axis=1)
         after = np.asarray(self.source_positions, dtype=np.int64)[None, :] + np.cumsum(totals, axis=0)
         first = self.rank * batch_size
         mine = (np.arange(steps, dtype=np.int64)[:, None] * per_step + first + np.arange(batch_size)[None, :]).reshape(
             -1
         )
+        mine_sources = sources[mine]
         x = np.empty((mine.shape[0], context), dtype=np.int64)
         y = np.empty((mine.shape[0], context), dtype=np.int64)
         for k, reader in enumerate(self.readers):
-            rows_of_k = np.flatnonzero(sources[mine] == k)
+            rows_of_k = np.flatnonzero(mine_sources == k)
             if rows_of_k.shape[0]:
                 x[rows_of_k], y[rows_of_k] = reader.samples_at(source_positions[mine[rows_of_k]])
-        mine_counts = np.stack(
-            [np.bincount(sources[mine].reshape(steps, batch_size)[s], minlength=count) for s in range(steps)]
-        )
+        mine_counts = chosen[mine].reshape(steps, batch_size, count).sum(axis=1)
         return _Chunk(self.position, batch_size, steps, 0, x, y, after, mine_counts)
 
     def close(self) -> None:
