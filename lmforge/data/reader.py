@@ -44,7 +44,7 @@ LMFORGE_CACHE_BYTES        unbounded    cache size limit per reader (``64G``, ``
 LMFORGE_CACHE_DIR          system temp  cache root (``<root>/lmforge-shards``)
 LMFORGE_RANGE_THRESHOLD    64M          files above this size are fetched in ranges
 LMFORGE_RANGE_BYTES        16M          size of one ranged GET
-LMFORGE_DATA_WORKERS       0            training data loader worker processes per rank
+LMFORGE_DATA_WORKERS       0            training data loader worker processes per rank (not for a mix)
 LMFORGE_S3_ATTEMPTS        8            attempts per GET before the run fails (exit 75)
 LMFORGE_S3_BACKOFF         0.1          first retry delay bound in seconds (doubles, capped)
 LMFORGE_S3_BACKOFF_CAP     10           largest retry delay bound in seconds

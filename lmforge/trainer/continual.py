@@ -79,7 +79,6 @@ class ContinualRun:
                 source.train = self._reader(source, "train", seed=spec.training.seed + 1 + index, shuffle=True)
             source.val = self._reader(source, "val", seed=spec.training.seed, shuffle=False)
             self.sources.append(source)
-        self.before: list[float] | None = None
 
     @classmethod
     def from_spec(cls, spec: Any, tokenizer: Any, *, rank: int, world_size: int) -> ContinualRun | None:
@@ -162,7 +161,8 @@ class ContinualRun:
             "ewc": ewc.summary() if ewc is not None else None,
         }
         if isinstance(train_reader, MixedReader) and self.replay_fraction is not None:
-            counts = dict(zip(train_reader.counts()["sources"], train_reader.counts()["global"], strict=True))
+            mix = train_reader.counts()
+            counts = dict(zip(mix["sources"], mix["global"], strict=True))
             fields = {s.field for s in self.sources}
             replayed = sum(count for name, count in counts.items() if name in fields)
             report["replay"] = {

@@ -289,8 +289,12 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
 
     data_storage = storage_for(prepared.prepared_uri, spec.s3)
 
-    def reader(split: str, shuffle: bool) -> Any:
-        return open_reader(  # LMFORGE_DATA_WORKERS worker processes for the training split
+    # data.mix and replay: the training reader becomes a deterministic mix of this job's data and them.
+    extras = _mix_sources(spec, prepared.tokenizer, ctx.rank, ctx.world_size)
+    extras += continual.replay_sources() if continual is not None else []
+
+    def reader(split: str, shuffle: bool, workers: int | None) -> Any:
+        return open_reader(
             join_uri(prepared.prepared_uri, split),
             data_storage,
             context,
@@ -298,17 +302,17 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
             world_size=ctx.world_size,
             seed=spec.training.seed,
             shuffle=shuffle,
-            workers=None if split == "train" else 0,
+            workers=workers,
         )
 
-    train_reader, val_reader = reader("train", shuffle=True), reader("val", shuffle=False)
+    # LMFORGE_DATA_WORKERS worker processes serve the plain training split; a mix reads its sources
+    # itself (one vectorized read per source and chunk), so its splits are opened without workers.
+    train_reader = reader("train", shuffle=True, workers=0 if extras else None)
+    val_reader = reader("val", shuffle=False, workers=0)
 
     def evaluate(split_reader: Any) -> float:
         return _evaluate(engine, split_reader, spec.training.eval_batches, micro, ctx.world_size, device)
 
-    # data.mix and replay: the training reader becomes a deterministic mix of this job's data and them.
-    extras = _mix_sources(spec, prepared.tokenizer, ctx.rank, ctx.world_size)
-    extras += continual.replay_sources() if continual is not None else []
     train_reader = mix_by_fraction(
         train_reader, extras, own_name="data.sources", rank=ctx.rank, world_size=ctx.world_size, seed=spec.training.seed
     )
