@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmforge.trainer.engine import on_gpu
 from lmforge.trainer.model import GPT
 
 LossFn = Callable[[Any, Tensor, Tensor], Tensor]
@@ -89,12 +90,6 @@ class FitResult:
             **asdict(self.engine),
             **self.extra,
         }
-
-
-def on_gpu() -> bool:
-    from lmforge.trainer.engine import on_gpu as trainer_on_gpu
-
-    return trainer_on_gpu()
 
 
 def training_device() -> torch.device:
