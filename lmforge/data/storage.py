@@ -253,24 +253,23 @@ class S3Storage(Storage):
         """Picklable for DataLoader workers: clients (sockets) are made again on the other side."""
         return {**self.__dict__, "_client": None, "_client_pid": None, "_fetch_client": None, "_fetch_client_pid": None}
 
+    def _new_client(self, **config: Any) -> Any:
+        """A boto3 S3 client for these settings; ``config`` adds botocore Config options."""
+        import boto3
+        from botocore.config import Config
+
+        settings = Config(
+            s3={"addressing_style": self.settings.addressing_style}, region_name=self.settings.region, **config
+        )
+        return boto3.session.Session().client(
+            "s3", endpoint_url=self.settings.endpoint, region_name=self.settings.region, config=settings
+        )
+
     @property
     def client(self) -> Any:
         """The boto3 client, created lazily (and again in a forked child: clients hold sockets)."""
         if self._client is None or self._client_pid != os.getpid():
-            import boto3
-            from botocore.config import Config
-
-            config = Config(
-                s3={"addressing_style": self.settings.addressing_style},
-                retries={"mode": "standard", "max_attempts": 5},
-                region_name=self.settings.region,
-            )
-            self._client = boto3.session.Session().client(
-                "s3",
-                endpoint_url=self.settings.endpoint,
-                region_name=self.settings.region,
-                config=config,
-            )
+            self._client = self._new_client(retries={"mode": "standard", "max_attempts": 5})
             self._client_pid = os.getpid()
         return self._client
 
@@ -279,19 +278,11 @@ class S3Storage(Storage):
         """A client without botocore retries (the reader retries and counts), with bounded timeouts and
         enough pooled connections for the prefetch threads."""
         if self._fetch_client is None or self._fetch_client_pid != os.getpid():
-            import boto3
-            from botocore.config import Config
-
-            config = Config(
-                s3={"addressing_style": self.settings.addressing_style},
+            self._fetch_client = self._new_client(
                 retries={"mode": "standard", "total_max_attempts": 1},
-                region_name=self.settings.region,
                 connect_timeout=10,
                 read_timeout=60,
                 max_pool_connections=32,
-            )
-            self._fetch_client = boto3.session.Session().client(
-                "s3", endpoint_url=self.settings.endpoint, region_name=self.settings.region, config=config
             )
             self._fetch_client_pid = os.getpid()
         return self._fetch_client
