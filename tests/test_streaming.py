@@ -5,6 +5,7 @@ cache, prefetch, metrics. Everything against a real moto S3 server on 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from lmforge.api.common import S3Settings
 from lmforge.data.reader import SampleReader, StreamSettings
 from lmforge.data.retry import RetryPolicy, StorageUnavailable
-from lmforge.data.shards import ShardWriter
+from lmforge.data.shards import ShardError, ShardWriter
 from lmforge.data.storage import S3Storage
 from lmforge.data.workers import WorkerReader, open_reader
 from tests.s3fixture import FaultyS3Proxy, s3_client, s3_server  # noqa: F401
@@ -202,6 +203,71 @@ def test_bounded_cache_stays_within_its_limit_and_reads_right(s3_server: str, tm
     assert largest <= limit + 256 and reader.cache.peak <= limit + 256  # limit + the block in use
     assert _du(tmp_path / "unbounded") > 4 * limit  # the data is bigger
     reader.close()
+
+
+def _check_plain_windows(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Without a mask: each row is T consecutive tokens and its targets are the next ones."""
+    for x, y in batches:
+        starts = x[:, :1].long()
+        assert torch.equal(x.long(), starts + torch.arange(T)) and torch.equal(y.long(), starts + 1 + torch.arange(T))
+
+
+def test_a_shuffled_epoch_streams_through_a_memory_cache_far_smaller_than_the_data(
+    s3_server: str, tmp_path: Path
+) -> None:
+    _upload(s3_server, shard_tokens=64, mask=False)  # 65 shards of 128 bytes; 8 samples each
+    settings = _settings(read_ahead_samples=8)
+    streaming = SampleReader(SPLIT, _storage(s3_server), T, seed=5, shuffle_window=32, settings=settings)
+    assert streaming.cache is not None and streaming.cache.in_memory  # the default: fetched bytes, no files
+    limit = streaming.cache.limit
+    assert limit is not None and limit < 8320 // 2  # well under the 8,320 bytes of data
+    batches = _epoch(streaming, 8)
+    _check_plain_windows(batches)
+    assert sorted(s for x, _ in batches for s in _samples(x)) == list(range(SAMPLES))  # each sample once
+    # Every shard was downloaded exactly once (windows that cross into another shard read just their
+    # tail), and the cache stayed within its bound.
+    assert streaming.blocks_fetched == 65
+    assert streaming.cache.peak <= limit + 128
+    streaming.close()
+
+    # The same cache under a full permutation (a window as large as the data) keeps re-downloading.
+    full = SampleReader(
+        SPLIT,
+        _storage(s3_server),
+        T,
+        seed=5,
+        shuffle_window=10**6,
+        settings=_settings(read_ahead_samples=8, cache_bytes=limit),
+    )
+    _check_plain_windows(_epoch(full, 8))
+    assert full.blocks_fetched > 3 * 65
+    full.close()
+
+
+def test_a_shard_changed_since_the_index_is_refused_and_copied_data_still_reads(s3_server: str, tmp_path: Path) -> None:
+    _upload(s3_server, mask=False)
+    client = s3_client(s3_server)
+    index = json.loads(client.get_object(Bucket="data", Key="prep/train/index.json")["Body"].read())
+    assert all(shard["etag"] for shard in index["shards"])  # S3 checks these (If-Match): no CPU spent here
+
+    # Data copied to another store gets other ETags (multipart copies do): the reader falls back to
+    # the index's crc32 and reads every sample right.
+    for shard in index["shards"]:
+        shard["etag"] = '"0123456789abcdef0123456789abcdef"'
+    client.put_object(Bucket="data", Key="prep/train/index.json", Body=json.dumps(index).encode())
+    copied = _reader(s3_server, tmp_path, "copied", seed=1)
+    batches = _epoch(copied, 16)
+    _check_plain_windows(batches)
+    assert sorted(s for x, _ in batches for s in _samples(x)) == list(range(SAMPLES))
+    copied.close()
+
+    # A shard rewritten with other tokens of the same size (a new prepare run over an old index).
+    _upload(s3_server, mask=False)
+    client.put_object(Bucket="data", Key="prep/train/shard-00003.bin", Body=np.zeros(500, np.uint16).tobytes())
+    stale = _reader(s3_server, tmp_path, "stale", shuffle=False, settings=_settings(prefetch_depth=0))
+    with pytest.raises(ShardError, match="shard-00003.bin .*corrupt.*prepare the data again"):
+        _epoch(stale, 16)
+    stale.close()
 
 
 def test_a_bounded_default_cache_is_private_to_the_split_rank_and_worker(

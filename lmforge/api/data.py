@@ -187,6 +187,16 @@ class Data(SpecModel):
         default_factory=list,
         max_length=64,
     )
+    shuffle_window: int = describe(
+        "Training samples shuffled together. The shards are visited in a random order per epoch and each "
+        "sample moves up to this many positions, so a batch mixes about shuffleWindow / samples-per-shard "
+        "shards while a rank streams (and caches) only a sliding window of about that many shards from S3, "
+        "never the whole data set first. A split of at most this many samples gets a full random "
+        "permutation per epoch. Keep it when resuming: another value continues in another order.",
+        default=131_072,
+        ge=1,
+        le=2**40,
+    )
 
     @model_validator(mode="after")
     def _fields_differ(self) -> Data:

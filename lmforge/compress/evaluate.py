@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.data.reader import to_device
 from lmforge.trainer.model import GPT, IGNORE_INDEX, KVCache
 
 
@@ -100,7 +101,7 @@ def perplexity(model: GPT, reader: Any, batches: int, micro_batch: int) -> tuple
     device = next(model.parameters()).device
     for _ in range(batches):
         x, y = reader.next_batch(micro_batch)
-        x, y = x.to(device), y.to(device)
+        x, y = to_device(x, y, device)
         logits, _ = model(x)
         total += float(
             F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")

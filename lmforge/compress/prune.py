@@ -122,7 +122,7 @@ def _calibrate(model: GPT, batches: Batches, what: set[str]) -> dict[str, list[T
     try:
         seen = 0
         for x, _ in batches:
-            model(x.to(device))
+            model(x.to(device).long())
             seen += 1
         if seen == 0:
             raise ValueError("activation importance needs at least one calibration batch")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmforge.data.reader import to_device
 from lmforge.trainer.engine import on_gpu
 from lmforge.trainer.model import GPT
 
@@ -242,7 +243,7 @@ def fit(
                 if step:
                     x, y = next_batch()
                 set_learning_rate(engine, learning_rate(step, peak=lr, total_steps=steps, schedule=schedule))
-                x, y = x.to(device), y.to(device)
+                x, y = to_device(x, y, device)
                 loss = loss_fn(engine, x, y) if loss_fn is not None else engine(x, y)[1]
                 engine.backward(loss)
                 engine.step()

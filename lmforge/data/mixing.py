@@ -232,7 +232,7 @@ class MixedReader:
         return np.searchsorted(cuts, u, side="right") if cuts.shape[0] else np.zeros(u.shape[0], dtype=np.int64)
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's next ``batch_size`` mixed samples as LongTensors ``x``, ``y`` of shape ``[B, T]``."""
+        """This rank's next ``batch_size`` mixed samples as int32 tensors ``x``, ``y`` of shape ``[B, T]``."""
         started = time.perf_counter()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -277,8 +277,8 @@ class MixedReader:
             -1
         )
         mine_sources = sources[mine]
-        x = np.empty((mine.shape[0], context), dtype=np.int64)
-        y = np.empty((mine.shape[0], context), dtype=np.int64)
+        x = np.empty((mine.shape[0], context), dtype=np.int32)  # the readers' batch dtype
+        y = np.empty((mine.shape[0], context), dtype=np.int32)
         for k, reader in enumerate(self.readers):
             rows_of_k = np.flatnonzero(mine_sources == k)
             if rows_of_k.shape[0]:

@@ -148,7 +148,8 @@ class Prefetcher:
     def _settle(self, block: int, generation: int, future: Future[None]) -> None:
         with self._cond:
             self._inflight.pop(block, None)
-            if future.exception() is None and generation == self._generation and not self._closed:
+            ok = not future.cancelled() and future.exception() is None  # cancelled: close() ran
+            if ok and generation == self._generation and not self._closed:
                 self._ready.add(block)
             else:  # stale, closed or failed (the consumer's take() re-raises from the future)
                 self.source.unpin_block(block)

@@ -8,6 +8,7 @@ with the field that named it and the fix, before any step runs.
 
 from __future__ import annotations
 
+from lmforge.data.order import DEFAULT_WINDOW
 from lmforge.data.reader import SampleReader
 from lmforge.data.shards import read_index
 from lmforge.data.storage import Storage, join_uri
@@ -38,6 +39,7 @@ def open_prepared_split(
     world_size: int,
     seed: int,
     shuffle: bool,
+    shuffle_window: int = DEFAULT_WINDOW,
 ) -> SampleReader:
     """A reader of ``uri``/``split`` after checking it exists, matches this job's tokenizer and holds a sample."""
     split_uri = join_uri(uri, split)
@@ -54,7 +56,14 @@ def open_prepared_split(
             "data again with this job's tokenizer"
         )
     reader = SampleReader(
-        split_uri, storage, context_length, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle
+        split_uri,
+        storage,
+        context_length,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        shuffle=shuffle,
+        shuffle_window=shuffle_window,
     )
     if reader.num_samples == 0:
         raise UnusablePreparedData(

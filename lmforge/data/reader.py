@@ -6,8 +6,11 @@ Samples: the split's token stream (all shards concatenated) is cut into non-over
 ``x = window[:-1]`` and ``y = window[1:]``, with ``y = -100`` (ignored by the loss) wherever the
 target token's mask is 0 (SFT prompts).
 
-Order: epoch ``e`` visits the samples in the order of ``numpy.random.default_rng(seed + e)
-.permutation(num_samples)`` (identity with ``shuffle=False``). A *global position* ``p`` counts the
+Order: epoch ``e`` visits the samples in the order of :class:`lmforge.data.order.SampleOrder`: a
+shuffle that streams (shards permuted, then each sample jittered by up to ``shuffle_window``
+positions, so the consumer needs a sliding window of shards, not all of them); with
+``shuffle_window >= num_samples`` it is ``numpy.random.default_rng(seed + e).permutation(num_samples)``,
+and the identity with ``shuffle=False``. A *global position* ``p`` counts the
 samples consumed by all ranks together since the start (all epochs); position ``p`` is sample
 ``order(p // num_samples)[p % num_samples]``. Each ``next_batch(B)`` call on every rank consumes
 ``world_size * B`` positions: rank ``r`` takes ``[p + r*B, p + (r+1)*B)``, then ``p += world_size*B``.
@@ -21,16 +24,25 @@ Data loader workers (``worker``/``num_workers``, used by :mod:`lmforge.data.work
 exactly the batches of one reader without workers.
 
 Storage: ``file://`` shards are memory-mapped in place. ``s3://`` shards are fetched in *blocks*
-into a local cache and memory-mapped from there: a shard file of at most
-``LMFORGE_RANGE_THRESHOLD`` bytes (default 64 MiB, i.e. every shard of the default 2**24-token
-uint16 or uint32 format) is one block, fetched with one whole-object GET and verified against the
-sha256 in ``index.json``; a bigger file is fetched as ranged GETs of ``LMFORGE_RANGE_BYTES``
-(default 16 MiB), each verified by its length. Blocks are content-addressed (sha256 + range) in
-the cache. A background :class:`~lmforge.data.prefetch.Prefetcher` fetches the blocks the rank's
-upcoming positions need before the consumer asks; failed fetches are retried with backoff
-(:mod:`lmforge.data.retry`). ``next_batch`` assembles the rank's next batches in one vectorized read
-(``StreamSettings.read_ahead_samples``, default 4096 samples, at most 16 MiB of ``x`` and ``y``),
-so small batches do not pay numpy's per-call overhead each time.
+into a local cache: a shard file of at most ``LMFORGE_RANGE_THRESHOLD`` bytes (default 64 MiB, i.e.
+every shard of the default 2**24-token uint16 or uint32 format) is one block, fetched with one
+whole-object GET; a bigger file is fetched as ranged GETs of ``LMFORGE_RANGE_BYTES`` (default 16
+MiB). Every GET names the ETag that ``index.json`` recorded (``If-Match``), so the store refuses a
+shard rewritten since; without a recorded ETag (older indexes) or when the store's differs (data
+copied to another store), a whole file is checked against the index's crc32 (sha256 for older
+indexes), and every read by its length. The cache is in memory by default (the fetched bytes are
+read in place), bounded to what the order needs at once (:meth:`SampleReader.working_set_bytes`);
+with ``LMFORGE_CACHE_DIR`` it is files there, content-addressed (sha256 + range) and memory-mapped.
+A background :class:`~lmforge.data.prefetch.Prefetcher` fetches the blocks the rank's upcoming
+positions need (the block of each sample's first token; the tail of a window that crosses into
+another shard is read on its own, a few hundred bytes) before the consumer asks; failed fetches
+are retried with backoff (:mod:`lmforge.data.retry`). ``next_batch`` assembles the rank's next
+batches in one vectorized read (``StreamSettings.read_ahead_samples``, default 4096 samples, at
+most 16 MiB), so small batches do not pay numpy's per-call overhead each time.
+
+Batches are int32 (``x`` and ``y`` are views of one ``[B, T + 1]`` array when the split has no loss
+mask): a quarter of the host memory traffic and host-to-device copy of int64; :func:`to_device`
+moves them and widens them to the int64 that embeddings and the loss take, on the device.
 
 Environment (read when a reader is created):
 
@@ -39,9 +51,14 @@ variable                   default      meaning
 =========================  ===========  ==========================================================
 LMFORGE_PREFETCH_DEPTH     8            blocks fetched ahead of the consumer at most (0: no prefetch)
 LMFORGE_FETCH_THREADS      4            concurrent GETs of the prefetcher
-LMFORGE_CACHE_BYTES        unbounded    cache size limit per reader (``64G``, ``512M``, bytes); with a
-                                        limit each split, rank and worker gets its own subdirectory
-LMFORGE_CACHE_DIR          system temp  cache root (``<root>/lmforge-shards``)
+LMFORGE_CACHE_BYTES        auto         cache size limit per reader (``64G``, ``512M``, bytes). In
+                                        memory: the order's working set (about data.shuffleWindow
+                                        samples plus read-ahead and prefetched blocks, x 1.25); in
+                                        a directory: unbounded, or with a limit each split, rank
+                                        and worker gets its own subdirectory
+LMFORGE_CACHE_DIR          (memory)     keep the cache as files in ``<dir>/lmforge-shards`` instead
+                                        of in memory (unbounded and shared by the processes of a
+                                        machine, e.g. data loader workers, unless limited)
 LMFORGE_RANGE_THRESHOLD    64M          files above this size are fetched in ranges
 LMFORGE_RANGE_BYTES        16M          size of one ranged GET
 LMFORGE_DATA_WORKERS       0            training data loader worker processes per rank (not for a mix)
@@ -61,6 +78,7 @@ import threading
 import time
 import warnings
 import weakref
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,13 +88,22 @@ import numpy as np
 import torch
 
 from lmforge.data.cache import BlockCache
+from lmforge.data.order import DEFAULT_WINDOW, SampleOrder
 from lmforge.data.prefetch import Prefetcher
-from lmforge.data.retry import ContentMismatch, RetryPolicy, RetryStats, StorageUnavailable, call_with_retries
+from lmforge.data.retry import (
+    ContentMismatch,
+    RetryPolicy,
+    RetryStats,
+    StorageUnavailable,
+    VersionMismatch,
+    call_with_retries,
+)
 from lmforge.data.shards import ShardError, numpy_dtype, read_index
 from lmforge.data.storage import Storage, cache_dir, join_uri, local_path
 
 IGNORE_INDEX = -100
-_CHUNK_BYTES = 16 << 20  # bytes of int64 x and y assembled ahead at most
+_CHUNK_BYTES = 16 << 20  # bytes of int32 batches assembled ahead at most
+_BATCH_DTYPE = np.dtype(np.int32)
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
 
@@ -87,6 +114,12 @@ def parse_bytes(name: str, raw: str) -> int:
         raise ValueError(f"{name}={raw!r} is not a size; use bytes or a suffix, e.g. {name}=64G or {name}=512M")
     unit = (match.group(2) or "b")[0].lower()
     return int(match.group(1)) * 1024 ** "bkmgt".index(unit)
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reader's int32 batch on ``device`` as the int64 ``x``, ``y`` that embeddings and the loss take
+    (widened after the copy, so the host moves a quarter of the bytes)."""
+    return x.to(device, non_blocking=True).long(), y.to(device, non_blocking=True).long()
 
 
 def reader_counters(reader: Any) -> dict[str, float]:
@@ -167,21 +200,21 @@ class _Layout:
     itemsize: int
     context_length: int
     num_samples: int
-    seed: int
-    shuffle: bool
+    order: SampleOrder
 
     def blocks(self, samples: np.ndarray) -> list[np.ndarray]:
-        """Block ids (one array per kind) holding the first and last token of each sample."""
+        """Block ids (one array per kind) holding the first token of each sample. The tail of a window
+        that crosses into another shard is not planned: that shard's turn in the order may be far off,
+        so the reader fetches just those bytes (:meth:`SampleReader._file_bytes`)."""
         out = []
-        first = samples * self.context_length
-        for token in (first, first + self.context_length):
-            shard = np.searchsorted(self.starts, token, side="right") - 1
-            offset = token - self.starts[shard]
-            out.append(self.token_block[shard] + (offset * self.itemsize) // self.token_block_size[shard])
-            has_mask = self.mask_block[shard] >= 0
-            if has_mask.any():
-                mask = self.mask_block[shard] + offset // self.mask_block_size[shard]
-                out.append(np.where(has_mask, mask, -1))
+        token = samples * self.context_length
+        shard = np.searchsorted(self.starts, token, side="right") - 1
+        offset = token - self.starts[shard]
+        out.append(self.token_block[shard] + (offset * self.itemsize) // self.token_block_size[shard])
+        has_mask = self.mask_block[shard] >= 0
+        if has_mask.any():
+            mask = self.mask_block[shard] + offset // self.mask_block_size[shard]
+            out.append(np.where(has_mask, mask, -1))
         return out
 
 
@@ -193,7 +226,6 @@ def plan_blocks(
     The consumer's ``k``-th next batch covers positions ``start + k*stride*world*batch + rank*batch``
     plus ``[0, batch)``.
     """
-    orders: dict[int, np.ndarray] = {}
     step = stride * world * batch
     chunk = max(1, 4096 // batch)
     k = 0
@@ -201,17 +233,7 @@ def plan_blocks(
         base = start + (k + np.arange(chunk, dtype=np.int64)) * step + rank * batch
         positions = (base[:, None] + np.arange(batch, dtype=np.int64)[None, :]).reshape(-1)
         k += chunk
-        epochs, offsets = np.divmod(positions, layout.num_samples)
-        samples = offsets.copy()
-        if layout.shuffle:
-            for epoch in np.unique(epochs):
-                order = orders.get(int(epoch))
-                if order is None:
-                    order = np.random.default_rng(layout.seed + int(epoch)).permutation(layout.num_samples)
-                    orders = {e: o for e, o in orders.items() if e > int(epoch) - 2}
-                    orders[int(epoch)] = order
-                chosen = epochs == epoch
-                samples[chosen] = order[offsets[chosen]]
+        samples = layout.order.samples(positions)
         # Each block once per chunk, at the first position that needs it (so the walk costs per block,
         # not per sample). Every chunk yields at least one entry, even when it needs only blocks seen
         # before: a generator that stayed silent would spin forever on a split of one block.
@@ -228,13 +250,15 @@ class _File:
     name: str
     uri: str
     sha256: str | None
+    crc32: int | None
+    etag: str | None  # None also once the store showed another ETag (data copied elsewhere)
     size: int
     first_block: int
     block_size: int
 
 
 class SampleReader:
-    """Batches ``(x, y)`` of shape ``[B, context_length]`` for one rank (see the module docstring)."""
+    """int32 batches ``(x, y)`` of shape ``[B, context_length]`` for one rank (see the module docstring)."""
 
     def __init__(
         self,
@@ -250,6 +274,7 @@ class SampleReader:
         settings: StreamSettings | None = None,
         worker: int = 0,
         num_workers: int = 1,
+        shuffle_window: int = DEFAULT_WINDOW,
     ) -> None:
         if context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {context_length}")
@@ -267,6 +292,7 @@ class SampleReader:
             "shuffle": shuffle,
             "cache": cache,
             "settings": settings,
+            "shuffle_window": shuffle_window,
         }
         self.split_uri = split_uri
         self.storage = storage
@@ -277,6 +303,7 @@ class SampleReader:
         self.shuffle = bool(shuffle)
         self.worker = int(worker)
         self.num_workers = int(num_workers)
+        self._step = self.num_workers * self.world_size  # positions per sample of this rank's batch
         self.settings = settings or StreamSettings.from_env()
         self.index = read_index(split_uri, storage)
         self.dtype = numpy_dtype(self.index["dtype"])
@@ -290,8 +317,8 @@ class SampleReader:
         for shard in self.shards:
             self._starts.append(offset)
             offset += int(shard["tokens"])
-        self._orders: dict[int, np.ndarray] = {}
-        self._order_lock = threading.Lock()
+        self.shuffle_window = int(shuffle_window)
+        self.order = self._new_order()
         self.position = 0
         # Counters (cumulative; exported by lmforge.trainer.metrics, summed by mixers).
         self.wait_seconds = 0.0
@@ -310,9 +337,10 @@ class SampleReader:
         self._block_by_name: dict[str, int] = {}
         for shard in self.shards:
             count = int(shard["tokens"])
-            self._token_file.append(self._add_file(shard["name"], shard.get("sha256"), count * self.dtype.itemsize))
+            size = count * self.dtype.itemsize
+            self._token_file.append(self._add_file(shard["name"], size, shard))
             mask = shard.get("mask")
-            self._mask_file.append(self._add_file(mask, shard.get("mask_sha256"), count) if mask else None)
+            self._mask_file.append(self._add_file(mask, count, shard, "mask_") if mask else None)
         # The same tables as arrays, built once: the vectorized reads index them per sample.
         self._shard_starts = np.array(self._starts, dtype=np.int64)
         self._shard_tokens = np.array([int(s["tokens"]) for s in self.shards], dtype=np.int64)
@@ -322,10 +350,15 @@ class SampleReader:
         self._file_block_size = np.array([f.block_size for f in self._files], dtype=np.int64)
         self.cache: BlockCache | None = None
         if self.remote:
-            root = cache or cache_dir("shards")
-            if self.settings.cache_bytes is not None and cache is None:
-                split = hashlib.sha256(split_uri.encode()).hexdigest()[:12]
-                root = root / f"{split}-rank{self.rank}-worker{self.worker}"
+            root: Path | None = cache
+            limit = self.settings.cache_bytes
+            if root is None and os.environ.get("LMFORGE_CACHE_DIR"):
+                root = cache_dir("shards")
+                if limit is not None:
+                    split = hashlib.sha256(split_uri.encode()).hexdigest()[:12]
+                    root = root / f"{split}-rank{self.rank}-worker{self.worker}"
+            if root is None and limit is None:
+                limit = self.working_set_bytes()
             this = weakref.ref(self)
 
             def forget(name: str) -> None:
@@ -335,11 +368,11 @@ class SampleReader:
                     if block is not None:
                         reader._maps.pop(block, None)
 
-            self.cache = BlockCache(root, self.settings.cache_bytes, on_evict=forget)
+            self.cache = BlockCache(root, limit, on_evict=forget)
         self._prefetcher: Prefetcher | None = None
-        self._planned: tuple[int, int] | None = None
-        # Batches read ahead in one go: ((next position, batch size), next row, x rows, y rows).
-        self._chunk: tuple[tuple[int, int], int, np.ndarray, np.ndarray] | None = None
+        self._planned: int | None = None  # batch size of the prefetch plan running now (None: no plan)
+        # Batches read ahead in one go: (next position, batch size, next row, x rows, y rows).
+        self._chunk: tuple[int, int, int, np.ndarray, np.ndarray] | None = None
 
     # --- order and state ----------------------------------------------------------------------
 
@@ -347,20 +380,20 @@ class SampleReader:
     def epoch(self) -> int:
         return self.position // self.num_samples if self.num_samples else 0
 
-    def _order(self, epoch: int) -> np.ndarray:
-        with self._order_lock:
-            order = self._orders.get(epoch)
-            if order is None:
-                order = np.random.default_rng(self.seed + epoch).permutation(self.num_samples)
-                if len(self._orders) >= 2:
-                    self._orders.pop(min(self._orders))
-                self._orders[epoch] = order
-            return order
+    def _new_order(self) -> SampleOrder:
+        # A span is about one shard's samples, so the order moves through the shards in windows.
+        largest = max((int(s["tokens"]) for s in self.shards), default=1)
+        return SampleOrder(
+            max(1, self.num_samples),
+            span=max(1, largest // self.context_length),
+            window=self.shuffle_window,
+            seed=self.seed,
+            shuffle=self.shuffle,
+        )
 
     def sample_index(self, position: int) -> int:
         """The sample at global ``position``."""
-        epoch, offset = divmod(position, self.num_samples)
-        return int(self._order(epoch)[offset]) if self.shuffle else offset
+        return self.order.sample(position)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -370,6 +403,7 @@ class SampleReader:
             "world_size": self.world_size,
             "num_samples": self.num_samples,
             "shuffle": self.shuffle,
+            "shuffle_window": self.shuffle_window,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -380,8 +414,15 @@ class SampleReader:
         seed = int(state.get("seed", self.seed))
         if seed != self.seed:
             self.seed = seed
-            with self._order_lock:
-                self._orders.clear()
+            self.order = self._new_order()
+        saved_window = state.get("shuffle_window")
+        if saved_window is not None and int(saved_window) != self.shuffle_window:
+            warnings.warn(
+                f"{self.split_uri}: the saved reader state is for data.shuffleWindow {saved_window}, this run "
+                f"has {self.shuffle_window}; the resumed order differs from the original run (set it back to "
+                f"{saved_window} to continue the same order)",
+                stacklevel=2,
+            )
         saved_samples = state.get("num_samples")
         if saved_samples is not None and int(saved_samples) != self.num_samples:
             warnings.warn(
@@ -406,13 +447,15 @@ class SampleReader:
 
     # --- blocks (s3://) --------------------------------------------------------------------------
 
-    def _add_file(self, name: str, sha256: str | None, size: int) -> int:
+    def _add_file(self, name: str, size: int, shard: dict[str, Any], prefix: str = "") -> int:
+        """Register one file of ``shard`` (its checksums are the entry's ``{prefix}sha256`` etc.)."""
         uri = join_uri(self.split_uri, name)
         whole = size <= self.settings.range_threshold
         # Ranged blocks hold whole tokens (a multiple of 4 bytes), so a block can be viewed as tokens.
         block_size = max(1, size) if whole else max(4, self.settings.range_bytes - self.settings.range_bytes % 4)
         first = len(self._block_file)
-        self._files.append(_File(name, uri, sha256, size, first, block_size))
+        checks = (shard.get(f"{prefix}sha256"), shard.get(f"{prefix}crc32"), shard.get(f"{prefix}etag"))
+        self._files.append(_File(name, uri, *checks, size, first, block_size))
         index = len(self._files) - 1
         self._block_file.extend([index] * max(1, -(-size // block_size)))
         return index
@@ -429,9 +472,25 @@ class SampleReader:
         self._block_by_name.setdefault(name, block)
         return name
 
+    def working_set_bytes(self) -> int:
+        """The default in-memory cache size: what the order needs at once, with a quarter to spare.
+
+        At position ``p`` the consumer draws on the consecutive samples of about ``shuffle_window``
+        plus its read-ahead (all ranks' and workers' positions of a chunk), plus the blocks at either
+        end and those prefetched; at most the whole split.
+        """
+        files = [f for f in self._files if f.size]
+        if not files:
+            return 1
+        sample_bytes = self.context_length * (self.dtype.itemsize + (1 if self.has_mask else 0))
+        spread = min(self.num_samples, self.shuffle_window + self._read_ahead_span(64)) * sample_bytes
+        block = max(min(f.size, f.block_size) for f in files)
+        needed = int(1.25 * (spread + (self.settings.prefetch_depth + 4) * block))
+        return max(1, min(sum(f.size for f in files), needed))
+
     def block_cached(self, block: int) -> bool:
         assert self.cache is not None
-        return self.cache.get(self._block_name(block), self._block_range(block)[2]) is not None
+        return self.cache.contains(self._block_name(block), self._block_range(block)[2])
 
     def wait_block_room(self, block: int, timeout: float) -> bool:
         assert self.cache is not None
@@ -453,18 +512,40 @@ class SampleReader:
         """GET one block (retried, verified) into the cache; a persistent mismatch is a ShardError."""
         assert self.cache is not None
         file, offset, length = self._block_range(block)
+        data = self._get(file, offset, length)
+        self.cache.put(self._block_name(block), data)
+        with self._fetch_lock:
+            self.bytes_fetched += length
+            self.blocks_fetched += 1
+
+    def _get(self, file: _File, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)`` of ``file`` from the store, retried and verified.
+
+        The store checks the object's ETag against the index's (If-Match) when the index has one; a
+        whole file fetched without that check is checked against the index's crc32 (its sha256 for
+        indexes without one); every read is checked by its length."""
         whole = length == file.size
 
         def once() -> bytes:
-            data = self.storage.fetch(file.uri) if whole else self.storage.fetch(file.uri, offset, length)
+            etag = file.etag
+            try:
+                data = self.storage.fetch(file.uri, offset, None if whole else length, if_match=etag)
+            except VersionMismatch:  # rewritten, or copied to another store: check the content instead
+                file.etag = etag = None
+                data = self.storage.fetch(file.uri, offset, None if whole else length)
             if len(data) != length:
                 raise ContentMismatch(f"{file.uri}: got {len(data)} bytes, expected {length}")
-            if whole and file.sha256 is not None and hashlib.sha256(data).hexdigest() != file.sha256:
-                raise ContentMismatch(f"{file.uri}: sha256 does not match index.json")
+            if etag is not None:
+                return data
+            if whole and file.crc32 is not None:
+                if zlib.crc32(data) != file.crc32:
+                    raise ContentMismatch(f"{file.uri}: checksum (crc32) does not match index.json")
+            elif whole and file.sha256 is not None and hashlib.sha256(data).hexdigest() != file.sha256:
+                raise ContentMismatch(f"{file.uri}: checksum (sha256) does not match index.json")
             return data
 
         try:
-            data = call_with_retries(once, file.uri, policy=self.settings.retry, stats=self.retry_stats)
+            return call_with_retries(once, file.uri, policy=self.settings.retry, stats=self.retry_stats)
         except FileNotFoundError:
             raise ShardError(
                 f"shard {file.name} of {self.split_uri} is missing ({file.uri}); prepare the data again"
@@ -472,19 +553,16 @@ class SampleReader:
         except StorageUnavailable as exc:
             if isinstance(exc.__cause__, ContentMismatch):
                 what = (
-                    "corrupt: its sha256 does not match index.json"
-                    if "sha256" in str(exc.__cause__)
+                    "corrupt: its checksum does not match index.json"
+                    if "checksum" in str(exc.__cause__)
                     else (f"truncated or corrupt ({exc.__cause__})")
                 )
                 raise ShardError(f"shard {file.name} of {self.split_uri} is {what}; prepare the data again") from None
             raise
-        self.cache.put(self._block_name(block), data)
-        with self._fetch_lock:
-            self.bytes_fetched += length
-            self.blocks_fetched += 1
 
     def _block_view(self, block: int) -> np.ndarray:
-        """The block's bytes (uint8 memory map), fetched or waited for if needed."""
+        """The block's bytes (uint8: the fetched bytes, or a memory map of the cached file), fetched or
+        waited for if needed."""
         view = self._maps.get(block)
         if view is not None:
             return view
@@ -494,15 +572,19 @@ class SampleReader:
         prefetcher = self._prefetcher
         claimed = prefetcher is not None and not prefetcher.take(block)
         try:
-            path = self.cache.get(name, length)
-            if path is None:
+            view = self.cache.view(name, length)
+            if view is None:
                 self.inline_fetches += 1
                 self.fetch_block(block)
-                path = self.cache.path(name)
+                view = self.cache.view(name, length)
+                if view is None:  # evicted at once: the cache is smaller than one block plus pins
+                    raise ShardError(
+                        f"LMFORGE_CACHE_BYTES={self.cache.limit} cannot hold block {name} ({length} bytes) of "
+                        f"{self.split_uri} next to the blocks in use; raise it to at least {4 * length}"
+                    )
         finally:
             if claimed and prefetcher is not None:
                 prefetcher.release(block)
-        view = np.memmap(path, dtype=np.uint8, mode="r", shape=(length,)) if length else np.empty(0, np.uint8)
         self._maps[block] = view
         return view
 
@@ -522,7 +604,17 @@ class SampleReader:
             block = file.first_block + done // file.block_size
             begin = done - (block - file.first_block) * file.block_size
             name = self._block_name(block)
-            self.cache.pin(name, self._block_range(block)[2])  # never evicted while we copy from it
+            size = self._block_range(block)[2]
+            take = min(end - done, size - begin)
+            if take * 8 <= size and block not in self._maps and not self.cache.contains(name, size):
+                # The tail of a window that crosses into a block nobody has fetched (the next shard,
+                # whose own turn in the order may be far off): read just these bytes, do not cache.
+                out[done - start : done - start + take] = np.frombuffer(self._get(file, done, take), np.uint8)
+                with self._fetch_lock:
+                    self.bytes_fetched += take
+                done += take
+                continue
+            self.cache.pin(name, size)  # never evicted while we copy from it
             try:
                 view = self._block_view(block)
                 take = min(end - done, view.shape[0] - begin)
@@ -547,8 +639,8 @@ class SampleReader:
     # --- reading ------------------------------------------------------------------------------
 
     def _read(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Tokens ``[start, start + length)`` of the stream (int64) and their mask (or None)."""
-        tokens = np.empty(length, dtype=np.int64)
+        """Tokens ``[start, start + length)`` of the stream (int32) and their mask (or None)."""
+        tokens = np.empty(length, dtype=_BATCH_DTYPE)
         mask = np.ones(length, dtype=np.uint8) if self.has_mask else None
         i = bisect.bisect_right(self._starts, start) - 1
         done = 0
@@ -570,18 +662,18 @@ class SampleReader:
         return (self.context_length + 1) * (self.dtype.itemsize + (1 if self.has_mask else 0))
 
     def samples_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The samples at global ``positions`` (this reader's epoch order) as int64 ``x``, ``y`` of shape
+        """The samples at global ``positions`` (this reader's epoch order) as int32 ``x``, ``y`` of shape
         ``[len(positions), T]``, in one vectorized read; the reader's own position does not move (a
         :class:`lmforge.data.mixing.MixedReader` keeps the positions)."""
         positions = np.asarray(positions, dtype=np.int64)
         if positions.shape[0] == 0:
-            empty = np.empty((0, self.context_length), dtype=np.int64)
+            empty = np.empty((0, self.context_length), dtype=_BATCH_DTYPE)
             return empty, empty.copy()
         self.bytes_read += positions.shape[0] * self._sample_bytes
         return self._batch(self._sample_indices(positions))
 
     def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample ``index`` as int64 arrays ``(x, y)`` of length ``context_length``."""
+        """Sample ``index`` as int32 arrays ``(x, y)`` of length ``context_length``."""
         self.bytes_read += self._sample_bytes
         return self._sample(index)
 
@@ -596,31 +688,38 @@ class SampleReader:
 
     def _sample_indices(self, positions: np.ndarray) -> np.ndarray:
         """:meth:`sample_index` of many positions at once."""
-        epochs, offsets = np.divmod(positions, self.num_samples)
-        if not self.shuffle:
-            return offsets
-        samples = np.empty_like(offsets)
-        for epoch in range(int(epochs.min()), int(epochs.max()) + 1):
-            chosen = epochs == epoch
-            samples[chosen] = self._order(int(epoch))[offsets[chosen]]
-        return samples
+        return self.order.samples(positions)
+
+    def _rows(self, view: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+        """Items ``[start, start + length)`` of ``view`` for every start, as a ``[len(starts), length]`` copy.
+
+        Samples start ``context_length`` items apart in the stream, so the starts within one file or
+        block differ by multiples of it: the rows are rows of one strided view, and numpy copies them
+        whole (an index matrix of every item would cost more than the copy itself).
+        """
+        stride = self.context_length
+        base = int(starts[0]) % stride
+        count = max(0, (view.shape[0] - base - length) // stride + 1)
+        step = view.strides[0]
+        windows = np.lib.stride_tricks.as_strided(
+            view[base:], shape=(count, length), strides=(stride * step, step), writeable=False
+        )
+        return windows[(starts - base) // stride]
 
     def _gather(
-        self, files: np.ndarray, offsets: np.ndarray, length: int, dtype: np.dtype
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Items ``[offset, offset + length)`` of file ``files[i]`` for every ``i`` at once, as rows of
-        ``dtype``; the second array says which rows were gathered (a row that crosses a block is not)."""
-        rows = np.zeros((files.shape[0], length), dtype=dtype)
+        self, files: np.ndarray, offsets: np.ndarray, length: int, dtype: np.dtype, out: np.ndarray
+    ) -> np.ndarray:
+        """Copy items ``[offset, offset + length)`` of file ``files[i]`` into ``out[i]`` for every ``i``
+        at once; returns which rows were gathered (a row that crosses a block is not)."""
         done = np.zeros(files.shape[0], dtype=bool)
-        span = np.arange(length, dtype=np.int64)
         size = dtype.itemsize
         if not self.remote:
             for index in np.unique(files).tolist():
                 chosen = files == index
                 view = self._file_bytes(index, 0, self._files[index].size).view(dtype)
-                rows[chosen] = view[offsets[chosen, None] + span]
+                out[chosen] = self._rows(view, offsets[chosen], length)
                 done |= chosen
-            return rows, done
+            return done
         per_block = self._file_block_size[files] // size
         blocks = self._file_first_block[files] + offsets // per_block
         within = offsets % per_block
@@ -632,43 +731,50 @@ class SampleReader:
             try:
                 view = self._block_view(block).view(dtype)
                 chosen &= within + length <= view.shape[0]
-                rows[chosen] = view[within[chosen, None] + span]
+                if chosen.any():
+                    out[chosen] = self._rows(view, within[chosen], length)
             finally:
                 self.cache.unpin(name)
             done |= chosen
-        return rows, done
+        return done
 
     def _batch(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``x``, ``y`` (int64, ``[len(samples), T]``) for sample indices; vectorized per shard and block,
-        sample by sample only for the few windows that cross a shard or block boundary."""
+        """int32 ``x``, ``y`` (``[len(samples), T]``) for sample indices; vectorized per shard and block,
+        sample by sample only for the few windows that cross a shard or block boundary. Without a loss
+        mask, ``x`` and ``y`` are views of one ``[len(samples), T + 1]`` array."""
         length = self.context_length + 1
         first = samples * self.context_length
         shard = np.searchsorted(self._shard_starts, first, side="right") - 1
         offsets = first - self._shard_starts[shard]
         inside = offsets + length <= self._shard_tokens[shard]
-        token_files = self._shard_token_file[shard]
-        tokens, done = self._gather(token_files[inside], offsets[inside], length, self.dtype)
+        everywhere = bool(inside.all())
+        rows = np.empty((samples.shape[0], length), dtype=_BATCH_DTYPE)
+        target = rows if everywhere else np.empty((int(inside.sum()), length), dtype=_BATCH_DTYPE)
+        done = self._gather(
+            self._shard_token_file[shard] if everywhere else self._shard_token_file[shard[inside]],
+            offsets if everywhere else offsets[inside],
+            length,
+            self.dtype,
+            target,
+        )
         mask_rows = None
         if self.has_mask:
             mask_of = self._shard_mask_file[shard[inside]]
-            mask_rows = np.ones((tokens.shape[0], length), dtype=np.uint8)
+            mask_rows = np.ones((target.shape[0], length), dtype=np.uint8)
             with_mask = mask_of >= 0
-            mask_offsets = offsets[inside][with_mask]
-            gathered, mask_done = self._gather(mask_of[with_mask], mask_offsets, length, np.dtype(np.uint8))
+            gathered = np.ones((int(with_mask.sum()), length), dtype=np.uint8)
+            mask_done = self._gather(
+                mask_of[with_mask], offsets[inside][with_mask], length, np.dtype(np.uint8), gathered
+            )
             mask_rows[with_mask] = gathered
             done[with_mask] &= mask_done
-        x = np.empty((samples.shape[0], self.context_length), dtype=np.int64)
-        y = np.empty((samples.shape[0], self.context_length), dtype=np.int64)
+        if not everywhere:
+            rows[np.flatnonzero(inside)] = target
         fast = np.flatnonzero(inside)[done]
-        if fast.shape[0] == samples.shape[0]:  # the usual case: every window in one block, no copies
-            x[:] = tokens[:, :-1]
-            y[:] = tokens[:, 1:]
-            if mask_rows is not None:
-                y[mask_rows[:, 1:] == 0] = IGNORE_INDEX
-            return x, y
-        rows = tokens[done]
-        x[fast] = rows[:, :-1]
-        y[fast] = rows[:, 1:]
+        if mask_rows is None and fast.shape[0] == samples.shape[0]:  # the usual case: no copies at all
+            return rows[:, :-1], rows[:, 1:]
+        x = rows[:, :-1]
+        y = rows[:, 1:].copy()
         if mask_rows is not None:
             y[fast] = np.where(mask_rows[done][:, 1:] == 0, IGNORE_INDEX, y[fast])
         slow = np.ones(samples.shape[0], dtype=bool)
@@ -690,63 +796,78 @@ class SampleReader:
             itemsize=self.dtype.itemsize,
             context_length=self.context_length,
             num_samples=self.num_samples,
-            seed=self.seed,
-            shuffle=self.shuffle,
+            order=self.order,
         )
+
+    def _read_ahead_span(self, batch_size: int) -> int:
+        """Global positions one vectorized read may cover: its samples are this rank's share of them,
+        and all of them must be in the cache at once, so the span is capped at a quarter of the
+        shuffle window (at least one step), whatever the world size."""
+        step = self._step * batch_size
+        return max(step, min(self.settings.read_ahead_samples * self._step, self.shuffle_window // 4))
+
+    def _prefetch_horizon(self) -> int:
+        """How many positions ahead the prefetcher may plan: the shuffle window plus one chunk of
+        read-ahead, in which the order starts on about ``window / span`` new shards, as many as the
+        prefetch depth holds by default. Further ahead (into the next epoch, in a fresh order) it would
+        only crowd out of a bounded cache what the consumer still needs."""
+        return max(1, min(self.num_samples, self.shuffle_window + self._read_ahead_span(64)))
 
     def _prefetch(self, batch_size: int) -> None:
         """Point the prefetcher at the positions from here on (only when the plan changed)."""
         if not self.remote or self.settings.prefetch_depth == 0:
             return
-        if self._planned == (self.position, batch_size):
+        if self._planned == batch_size:  # the running plan walks on from here (it is reset on a jump)
             return
         if self._prefetcher is None:
             self._prefetcher = Prefetcher(
                 weakref.proxy(self),  # type: ignore[arg-type]
                 depth=self.settings.prefetch_depth,
                 threads=self.settings.fetch_threads,
-                horizon=min(self.num_samples, 1 << 20),
+                horizon=self._prefetch_horizon(),
             )
         plan = plan_blocks(self._layout(), self.position, batch_size, self.rank, self.world_size, self.num_workers)
         self._prefetcher.start(plan, self.position)
+        self._planned = batch_size
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's next ``batch_size`` samples as LongTensors ``x``, ``y`` of shape ``[B, T]``."""
+        """This rank's next ``batch_size`` samples as int32 tensors ``x``, ``y`` of shape ``[B, T]``
+        (:func:`to_device` widens them on the device)."""
         started = time.perf_counter()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if self.num_samples == 0:
-            raise ValueError(
-                f"{self.split_uri} has {self.total_tokens} tokens, too few for one sample of "
-                f"context_length + 1 = {self.context_length + 1} tokens; add data (or, for the "
-                "validation split, raise data.validationFraction) or lower model.contextLength"
-            )
-        self._prefetch(batch_size)
         chunk = self._chunk
-        if chunk is None or chunk[0] != (self.position, batch_size) or chunk[1] >= chunk[2].shape[0]:
-            chunk = self._chunk = self._assemble(batch_size)
-        (_, size), row, xs, ys = chunk[0], chunk[1], chunk[2], chunk[3]
-        x, y = xs[row : row + batch_size], ys[row : row + batch_size]
-        self.position += self.num_workers * self.world_size * batch_size
-        self._chunk = ((self.position, size), row + batch_size, xs, ys)
-        self._planned = (self.position, batch_size)
+        if chunk is None or chunk[0] != self.position or chunk[1] != batch_size or chunk[2] >= chunk[3].shape[0]:
+            if batch_size < 1:
+                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            if self.num_samples == 0:
+                raise ValueError(
+                    f"{self.split_uri} has {self.total_tokens} tokens, too few for one sample of "
+                    f"context_length + 1 = {self.context_length + 1} tokens; add data (or, for the "
+                    "validation split, raise data.validationFraction) or lower model.contextLength"
+                )
+            self._prefetch(batch_size)
+            chunk = self._assemble(batch_size)
+        _, _, row, xs, ys = chunk
+        end = row + batch_size
+        self.position += self._step * batch_size
+        self._chunk = (self.position, batch_size, end, xs, ys)
         if self._prefetcher is not None:
             self._prefetcher.advance(self.position)
         self.samples_read += batch_size
         self.bytes_read += batch_size * self._sample_bytes
         self.wait_seconds += time.perf_counter() - started
-        return torch.from_numpy(x), torch.from_numpy(y)
+        return torch.from_numpy(xs[row:end]), torch.from_numpy(ys[row:end])
 
-    def _assemble(self, batch_size: int) -> tuple[tuple[int, int], int, np.ndarray, np.ndarray]:
-        """This rank's next few batches in one vectorized read (up to ``_CHUNK_BYTES`` of x and y):
-        small batches would otherwise pay the per-call overhead of numpy for every few samples."""
-        per_batch = 16 * batch_size * self.context_length
+    def _assemble(self, batch_size: int) -> tuple[int, int, int, np.ndarray, np.ndarray]:
+        """This rank's next few batches in one vectorized read (up to ``_CHUNK_BYTES``): small batches
+        would otherwise pay the per-call overhead of numpy for every few samples."""
+        per_batch = (2 if self.has_mask else 1) * _BATCH_DTYPE.itemsize * batch_size * (self.context_length + 1)
+        step = self._step * batch_size
         count = max(1, min(self.settings.read_ahead_samples // batch_size, _CHUNK_BYTES // per_batch))
-        step = self.num_workers * self.world_size * batch_size
+        count = max(1, min(count, self._read_ahead_span(batch_size) // step))
         firsts = self.position + np.arange(count, dtype=np.int64) * step + self.rank * batch_size
         positions = (firsts[:, None] + np.arange(batch_size, dtype=np.int64)[None, :]).reshape(-1)
         x, y = self._batch(self._sample_indices(positions))
-        return (self.position, batch_size), 0, x, y
+        return self.position, batch_size, 0, x, y
 
     def close(self) -> None:
         """Stop prefetching and drop the memory maps (they are reopened on the next read)."""

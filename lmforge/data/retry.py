@@ -51,6 +51,11 @@ class ContentMismatch(OSError):
     """A fetched body whose size or sha256 does not match what the index promises (retried)."""
 
 
+class VersionMismatch(Exception):
+    """The object is not the version the index recorded (its ETag differs: rewritten, or copied to
+    another store); not retried: the caller checks the content itself."""
+
+
 class StorageUnavailable(OSError):
     """A read that still failed after the bounded retries."""
 
@@ -107,7 +112,7 @@ def is_retryable(exc: BaseException) -> bool:
     """Whether ``exc`` is a transient storage fault worth another attempt."""
     if isinstance(exc, ContentMismatch):
         return True
-    if isinstance(exc, (FileNotFoundError, PermissionError, ValueError)):
+    if isinstance(exc, (FileNotFoundError, PermissionError, ValueError, VersionMismatch)):
         return False
     try:
         from botocore.exceptions import (

@@ -13,7 +13,13 @@ A prepared data set has one directory per split (``<prepared>/train/``, ``<prepa
     {"format": 1, "dtype": "uint16", "tokenizer_hash": "<16 hex>", "vocab_size": 8192,
      "total_tokens": N,
      "shards": [{"name": "shard-00000.bin", "tokens": n, "sha256": "<hex of the .bin bytes>",
-                 "mask": "shard-00000.mask.bin" | null, "mask_sha256": "<hex>" | null}, ...]}
+                 "crc32": <int>, "etag": "<S3 ETag>" | null, "mask": "shard-00000.mask.bin" | null,
+                 "mask_sha256": "<hex>" | null, "mask_crc32": <int> | null, "mask_etag": ... | null}, ...]}
+
+``sha256`` names and fully verifies a file. The streaming reader checks each download cheaply: with
+the ``etag`` the store gave when the shard was written, S3 itself refuses another version
+(``If-Match``), at no CPU cost here; without one (local data, or data copied to another store, whose
+ETags differ) it checks ``crc32``, a third of sha256's cost. Both are optional: older indexes lack them.
 
 The token stream is the concatenation of all shards in index order; documents are concatenated,
 each followed by the end-of-text token (which the writer's caller appends; for SFT its mask is 1).
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -141,13 +148,17 @@ class ShardWriter:
         tokens = np.concatenate(ids_parts).astype(self._np_dtype, copy=False)
         data = tokens.tobytes()
         name = shard_name(number)
-        self.storage.write_bytes(join_uri(self.split_uri, name), data)
+        etag = self.storage.write_bytes(join_uri(self.split_uri, name), data)
         entry: dict[str, Any] = {
             "name": name,
             "tokens": int(tokens.size),
             "sha256": hashlib.sha256(data).hexdigest(),
+            "crc32": zlib.crc32(data),
+            "etag": etag,
             "mask": None,
             "mask_sha256": None,
+            "mask_crc32": None,
+            "mask_etag": None,
         }
         if any(m is not None for m in mask_parts):
             pairs = zip(ids_parts, mask_parts, strict=True)
@@ -155,7 +166,8 @@ class ShardWriter:
             mask_bytes = mask.tobytes()
             entry["mask"] = mask_name(number)
             entry["mask_sha256"] = hashlib.sha256(mask_bytes).hexdigest()
-            self.storage.write_bytes(join_uri(self.split_uri, entry["mask"]), mask_bytes)
+            entry["mask_crc32"] = zlib.crc32(mask_bytes)
+            entry["mask_etag"] = self.storage.write_bytes(join_uri(self.split_uri, entry["mask"]), mask_bytes)
         self._shards.append(entry)
         self._total += entry["tokens"]
 

@@ -29,6 +29,8 @@ import uuid
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from lmforge.data.retry import VersionMismatch
+
 if TYPE_CHECKING:
     from lmforge.api.common import S3Settings
 
@@ -71,13 +73,15 @@ class Storage:
         """``length`` bytes from offset ``start`` (fewer at the end of the object)."""
         raise NotImplementedError
 
-    def fetch(self, uri: str, start: int = 0, length: int | None = None) -> bytes:
+    def fetch(self, uri: str, start: int = 0, length: int | None = None, *, if_match: str | None = None) -> bytes:
         """One attempt at the whole object (``length=None``) or a byte range, for callers that retry
         themselves (:mod:`lmforge.data.retry`): S3 disables botocore's own retries here so that every
-        failure is seen and counted once."""
+        failure is seen and counted once. ``if_match``: the ETag the object must still have (S3
+        checks it server-side; another version raises :class:`~lmforge.data.retry.VersionMismatch`)."""
         return self.read_bytes(uri) if length is None else self.read_range(uri, start, length)
 
-    def write_bytes(self, uri: str, data: bytes) -> None:
+    def write_bytes(self, uri: str, data: bytes) -> str | None:
+        """Write the object; returns its version tag (S3's ETag) where the store has one, else None."""
         raise NotImplementedError
 
     def exists(self, uri: str) -> bool:
@@ -146,7 +150,7 @@ class LocalStorage(Storage):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise FileNotFoundError(f"{uri} does not exist") from None
 
-    def write_bytes(self, uri: str, data: bytes) -> None:
+    def write_bytes(self, uri: str, data: bytes) -> str | None:
         path = self._path(uri)
         tmp = _atomic_target(path)
         try:
@@ -157,6 +161,7 @@ class LocalStorage(Storage):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        return None
 
     def exists(self, uri: str) -> bool:
         return self._path(uri).is_file()
@@ -287,15 +292,19 @@ class S3Storage(Storage):
             self._fetch_client_pid = os.getpid()
         return self._fetch_client
 
-    def fetch(self, uri: str, start: int = 0, length: int | None = None) -> bytes:
+    def fetch(self, uri: str, start: int = 0, length: int | None = None, *, if_match: str | None = None) -> bytes:
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3_uri(uri)
         extra = {} if length is None else {"Range": f"bytes={start}-{start + length - 1}"}
+        if if_match is not None:
+            extra["IfMatch"] = if_match
         try:
             response = self.fetch_client.get_object(Bucket=bucket, Key=key, **extra)
             return response["Body"].read()
         except ClientError as exc:
+            if if_match is not None and _error_code(exc) in ("PreconditionFailed", "412"):
+                raise VersionMismatch(f"{uri} is not the version with ETag {if_match}") from None
             error = self._missing(exc, uri)
             if error is exc:
                 raise
@@ -342,12 +351,12 @@ class S3Storage(Storage):
                 return b""
             raise self._missing(exc, uri) from None
 
-    def write_bytes(self, uri: str, data: bytes) -> None:
+    def write_bytes(self, uri: str, data: bytes) -> str | None:
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3_uri(uri)
         try:
-            self.client.put_object(Bucket=bucket, Key=key, Body=data)
+            return self.client.put_object(Bucket=bucket, Key=key, Body=data).get("ETag")
         except ClientError as exc:
             raise self._missing(exc, uri) from None
 

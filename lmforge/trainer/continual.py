@@ -99,6 +99,7 @@ class ContinualRun:
             world_size=self.world_size,
             seed=seed,
             shuffle=shuffle,
+            shuffle_window=self.spec.data.shuffle_window,
         )
 
     # --- replay ------------------------------------------------------------------------------

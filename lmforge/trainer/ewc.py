@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lmforge.data.reader import to_device
+
 
 class EwcPenalty:
     """``weight / 2 * sum F (theta - theta0)^2`` over the named parameters of a module."""
@@ -78,7 +80,7 @@ def estimate(
     for position in range(rank, samples, world_size):
         x, y = sample(position)
         model.zero_grad(set_to_none=True)
-        _, loss = model(torch.from_numpy(x)[None].to(device), torch.from_numpy(y)[None].to(device))
+        _, loss = model(*to_device(torch.from_numpy(x)[None], torch.from_numpy(y)[None], device))
         loss.backward()
         for name, param in params.items():
             if param.grad is not None:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from lmforge.data.reader import to_device
+
 SMOOTHING = 0.9
 DIVERGENCE_FACTOR = 4.0
 
@@ -116,6 +118,7 @@ def find_learning_rate(
         rank=ctx.rank,
         world_size=ctx.world_size,
         seed=spec.training.seed + 1,
+        shuffle_window=spec.data.shuffle_window,
     )
     world = ctx.world_size
 
@@ -123,7 +126,7 @@ def find_learning_rate(
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = reader.next_batch(spec.training.micro_batch_size)
-        _, loss = model(x.to(device), y.to(device))
+        _, loss = model(*to_device(x, y, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for param in model.parameters():
