@@ -6,6 +6,7 @@ It runs inside every process of the world (started by :mod:`lmforge.trainer.laun
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.api.manifest import TrainingJob
+from lmforge.data.reader import to_device
 from lmforge.trainer.context import WorldContext
 
 log = logging.getLogger("lmforge.trainer")
@@ -94,7 +96,7 @@ def _evaluate(engine: Any, reader: Any, batches: int, micro_batch: int, world: i
     with torch.no_grad():
         for _ in range(batches):
             x, y = reader.next_batch(micro_batch)
-            _, loss = engine(x.to(device), y.to(device))
+            _, loss = engine(*to_device(x, y, device))
             total += float(loss.item())
     engine.train()
     return _mean(total / batches, world)
@@ -302,6 +304,7 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
             world_size=ctx.world_size,
             seed=spec.training.seed,
             shuffle=shuffle,
+            shuffle_window=spec.data.shuffle_window,
             workers=workers,
         )
 
@@ -397,6 +400,11 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
         progress.note(f"checkpoint {tag} committed in {time.time() - begin:.1f}s")
 
     engine.train()
+    # Setup left hundreds of thousands of long-lived objects (model, DeepSpeed, boto, tokenizer): move
+    # them out of the collector's reach, so a full collection does not stall a rank for a fraction
+    # of a second now and then (with many ranks, every step waits for the slowest one).
+    gc.collect()
+    gc.freeze()
     while step < total_steps:
         lr = learning_rate(step, peak=float(peak_lr), total_steps=total_steps, schedule=spec.training.schedule)
         set_learning_rate(engine, lr)
@@ -405,7 +413,7 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
             waited = time.time()
             x, y = train_reader.next_batch(micro)
             wait_since_log += time.time() - waited
-            _, loss = engine(x.to(device), y.to(device))
+            _, loss = engine(*to_device(x, y, device))
             engine.backward(loss if ewc is None else loss + ewc.penalty(engine.module))
             engine.step()
             step_loss += float(loss.item()) / accumulation
@@ -476,6 +484,7 @@ def train(manifest: TrainingJob, *, threads: int | None = None) -> RunResult:
             progress.note(f"SIGTERM: checkpoint at step {step} saved; exiting")
             break
 
+    gc.unfreeze()  # give setup's objects back to the collector (train() may run again in this process)
     progress.close()
     result.steps = step
     result.tokens = tokens
@@ -568,6 +577,7 @@ def _mix_sources(spec: Any, tokenizer: Any, rank: int, world_size: int) -> list[
                 world_size=world_size,
                 seed=spec.training.seed + 1000 + i,  # each source its own epoch order
                 shuffle=True,
+                shuffle_window=spec.data.shuffle_window,
             ),
             source.fraction,
         )
