@@ -244,6 +244,29 @@ def test_a_shuffled_epoch_streams_through_a_memory_cache_far_smaller_than_the_da
     full.close()
 
 
+def test_windows_that_cross_into_the_next_shard_cost_no_get_once_its_head_is_known(s3_server: str) -> None:
+    _upload(s3_server, shard_tokens=64, mask=False)  # 65 shards of 8 samples; each shard's last window crosses
+    storage = _storage(s3_server)
+    gets: list[int | None] = []
+    fetch = storage.fetch
+
+    def counting(uri: str, start: int = 0, length: int | None = None, **kwargs: object) -> bytes:
+        gets.append(length)
+        return fetch(uri, start, length, **kwargs)  # type: ignore[arg-type]
+
+    storage.fetch = counting  # type: ignore[method-assign]
+    reader = SampleReader(SPLIT, storage, T, seed=5, shuffle_window=32, settings=_settings(read_ahead_samples=8))
+    _check_plain_windows(_epoch(reader, 8))
+    first_epoch = len(gets)
+    second = _epoch(reader, 8)
+    _check_plain_windows(second)
+    assert sorted(s for x, _ in second for s in _samples(x)) == list(range(SAMPLES))
+    # Epoch 2 downloads whole shards only: every window's tail in the next shard comes from that
+    # shard's head, kept since its block was fetched in epoch 1.
+    assert 0 < len(gets[first_epoch:]) <= 65 and all(length is None for length in gets[first_epoch:])
+    reader.close()
+
+
 def test_a_shard_changed_since_the_index_is_refused_and_copied_data_still_reads(s3_server: str, tmp_path: Path) -> None:
     _upload(s3_server, mask=False)
     client = s3_client(s3_server)

@@ -34,11 +34,14 @@ indexes), and every read by its length. The cache is in memory by default (the f
 read in place), bounded to what the order needs at once (:meth:`SampleReader.working_set_bytes`);
 with ``LMFORGE_CACHE_DIR`` it is files there, content-addressed (sha256 + range) and memory-mapped.
 A background :class:`~lmforge.data.prefetch.Prefetcher` fetches the blocks the rank's upcoming
-positions need (the block of each sample's first token; the tail of a window that crosses into
-another shard is read on its own, a few hundred bytes) before the consumer asks; failed fetches
-are retried with backoff (:mod:`lmforge.data.retry`). ``next_batch`` assembles the rank's next
-batches in one vectorized read (``StreamSettings.read_ahead_samples``, default 4096 samples, at
-most 16 MiB), so small batches do not pay numpy's per-call overhead each time.
+positions need (the block of each sample's first token) before the consumer asks; a window that
+crosses into the next shard reads that shard's first bytes, which the fetch thread GETs on its own
+(a few hundred bytes) right after the shard before it, and the reader keeps the edges of every
+block it fetched, so a later epoch needs no such GET. Failed fetches are retried with backoff
+(:mod:`lmforge.data.retry`). Freed blocks are reused from the heap (:mod:`lmforge.data.allocator`).
+``next_batch`` assembles the rank's next batches in one vectorized read
+(``StreamSettings.read_ahead_samples``, default 4096 samples, at most 16 MiB), so small batches do
+not pay numpy's per-call overhead each time.
 
 Batches are int32 (``x`` and ``y`` are views of one ``[B, T + 1]`` array when the split has no loss
 mask): a quarter of the host memory traffic and host-to-device copy of int64; :func:`to_device`
@@ -87,6 +90,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.data.allocator import reuse_freed_buffers
 from lmforge.data.cache import BlockCache
 from lmforge.data.order import DEFAULT_WINDOW, SampleOrder
 from lmforge.data.prefetch import Prefetcher
@@ -104,6 +108,7 @@ from lmforge.data.storage import Storage, cache_dir, join_uri, local_path
 IGNORE_INDEX = -100
 _CHUNK_BYTES = 16 << 20  # bytes of int32 batches assembled ahead at most
 _BATCH_DTYPE = np.dtype(np.int32)
+_EDGES_BYTES = 64 << 20  # block edges kept for windows across shards (16,000 shards at contextLength 1024)
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
 
@@ -348,6 +353,7 @@ class SampleReader:
         self._shard_mask_file = np.array([-1 if m is None else m for m in self._mask_file], dtype=np.int64)
         self._file_first_block = np.array([f.first_block for f in self._files], dtype=np.int64)
         self._file_block_size = np.array([f.block_size for f in self._files], dtype=np.int64)
+        self._continues = self._continuations()
         self.cache: BlockCache | None = None
         if self.remote:
             root: Path | None = cache
@@ -369,6 +375,13 @@ class SampleReader:
                         reader._maps.pop(block, None)
 
             self.cache = BlockCache(root, limit, on_evict=forget)
+            reuse_freed_buffers(int(self._file_block_size.max(initial=0)))
+        # The first and last bytes of every block fetched so far (edges): a window that crosses from
+        # one shard into the next needs a few bytes at the end of one block and the start of the
+        # other, when either may be out of the cache (the next shard's turn in the order may be far
+        # off); they are read from here instead of with GETs of their own.
+        self._edge_bytes = (self.context_length + 1) * max(4, self.dtype.itemsize)
+        self._edges: dict[int, tuple[bytes, bytes]] = {}  # block: (head, tail)
         self._prefetcher: Prefetcher | None = None
         self._planned: int | None = None  # batch size of the prefetch plan running now (None: no plan)
         # Batches read ahead in one go: (next position, batch size, next row, x rows, y rows).
@@ -460,6 +473,19 @@ class SampleReader:
         self._block_file.extend([index] * max(1, -(-size // block_size)))
         return index
 
+    def _continuations(self) -> list[int]:
+        """For each block, the block whose first bytes a window running past its end reads next: the
+        file's next block, or the first block of the next shard's file of the same kind (-1: none)."""
+        following = list(range(1, len(self._block_file) + 1))
+        for kind in (self._token_file, self._mask_file):
+            files = [f for f in kind if f is not None]
+            for i, here in enumerate(files):
+                after = files[i + 1] if i + 1 < len(files) else None
+                file = self._files[here]
+                last = file.first_block + max(1, -(-file.size // file.block_size)) - 1
+                following[last] = -1 if after is None else self._files[after].first_block
+        return following
+
     def _block_range(self, block: int) -> tuple[_File, int, int]:
         file = self._files[self._block_file[block]]
         offset = (block - file.first_block) * file.block_size
@@ -517,6 +543,45 @@ class SampleReader:
         with self._fetch_lock:
             self.bytes_fetched += length
             self.blocks_fetched += 1
+        self._remember_edges(block, data, whole=True)
+        after = self._continues[block]
+        if after < 0 or after in self._edges or self._block_file[after] == self._block_file[block]:
+            return  # nothing follows, known already, or the same file's next block (the plan fetches it)
+        if self.cache.contains(self._block_name(after), self._block_range(after)[2]):
+            return
+        # The window at this file's end runs into the next shard's file, whose own turn in the order
+        # may be far off: fetch its head now, in this background thread, so the consumer does not
+        # wait for a GET when it gets there. Best effort: should it fail, the consumer reads those
+        # bytes itself (and reports what fails).
+        file, offset, length = self._block_range(after)
+        take = min(length, self._edge_bytes)
+        try:
+            head = self._get(file, offset, take)
+        except (ShardError, StorageUnavailable):
+            return
+        self._remember_edges(after, head, whole=take == length)
+        with self._fetch_lock:
+            self.bytes_fetched += take
+
+    def _from_edges(self, block: int, begin: int, take: int, size: int) -> np.ndarray | None:
+        """Bytes ``[begin, begin + take)`` of a block of ``size`` bytes from its kept edges, if there."""
+        head, tail = self._edges.get(block, (b"", b""))
+        if begin + take <= len(head):
+            return np.frombuffer(head, np.uint8, take, begin)
+        if tail and begin >= size - len(tail):
+            return np.frombuffer(tail, np.uint8, take, begin - (size - len(tail)))
+        return None
+
+    def _remember_edges(self, block: int, data: bytes, *, whole: bool) -> None:
+        """Keep the block's edges (``data`` is the whole block, or with ``whole=False`` its head only)."""
+        edge = self._edge_bytes
+        with self._fetch_lock:
+            known = self._edges.get(block)
+            if known is not None and (known[1] or not whole):
+                return
+            if known is None and 2 * edge * len(self._edges) >= _EDGES_BYTES:
+                del self._edges[next(iter(self._edges))]  # the oldest
+            self._edges[block] = (bytes(data[:edge]), bytes(data[-edge:]) if whole else b"")
 
     def _get(self, file: _File, offset: int, length: int) -> bytes:
         """Bytes ``[offset, offset + length)`` of ``file`` from the store, retried and verified.
@@ -607,8 +672,14 @@ class SampleReader:
             size = self._block_range(block)[2]
             take = min(end - done, size - begin)
             if take * 8 <= size and block not in self._maps and not self.cache.contains(name, size):
-                # The tail of a window that crosses into a block nobody has fetched (the next shard,
-                # whose own turn in the order may be far off): read just these bytes, do not cache.
+                # The tail of a window that crosses into a block not in the cache (the next shard,
+                # whose own turn in the order may be far off): from the block's head if it was
+                # fetched before, else just these bytes with a GET of their own (not cached).
+                known = self._from_edges(block, begin, take, size)
+                if known is not None:
+                    out[done - start : done - start + take] = known
+                    done += take
+                    continue
                 out[done - start : done - start + take] = np.frombuffer(self._get(file, done, take), np.uint8)
                 with self._fetch_lock:
                     self.bytes_fetched += take
