@@ -10,10 +10,14 @@ In one invocation:
 2. *raw*: ``get_object(...)["Body"].read()`` of every shard, one after the other, with a default
    boto3 client made before the clock starts: bytes/s, and the samples/s they equal at each shape
    (a sample advances ``contextLength`` tokens); run before and after the loaders, the faster of
-   the two is the baseline;
+   the two is the baseline (the run after has the allocator tuning the first reader sets for the
+   whole process, :mod:`lmforge.data.allocator`, which speeds a plain download up as well); and
+   *raw ranged*: the same shards as ``--range-mb`` ranged GETs, the ranged loader's baseline (moto
+   reads a whole object for each ranged GET, so on this server ranges cost more than on S3);
 3. *loader*: a fresh :class:`lmforge.data.reader.SampleReader` (its clients made before the clock;
    its default cache: in memory, empty, bounded to the order's working set; shuffled with the
-   default ``data.shuffleWindow``; default prefetch) reads one whole epoch in micro-batches, with
+   default ``data.shuffleWindow``; default prefetch) reads two epochs in micro-batches (the first
+   with its startup, the second the steady state of a longer run), with
    whole-object GETs and again with ``--range-mb`` ranged GETs, at two shapes: examples/pretrain.yaml's
    (contextLength 1024, micro-batch 16: the scale streaming is for) and the quickstart's
    (contextLength 128, micro-batch 8: 8 samples per call at 2.6M raw samples/s leave about 3 us per
@@ -23,7 +27,7 @@ In one invocation:
    (``--quickstart-steps`` steps, median logged tokens/s after the first log interval, all ranks)
    divided by its contextLength; ``--quickstart-tps`` skips the run and uses the given figure.
 
-    python bench/streaming.py [--mb 1024] [--shard-mb 32] [--range-mb 4] [--quickstart-steps 40]
+    python bench/streaming.py [--mb 4096] [--shard-mb 32] [--range-mb 4] [--quickstart-steps 40]
 
 Targets: loader / raw >= 0.9; loader / quickstart consumption >= 10.
 """
@@ -85,11 +89,18 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     raise SystemExit("moto server did not start")
 
 
-def raw_download(client, keys: list[str]) -> tuple[float, int]:
+def raw_download(client, keys: list[str], range_bytes: int | None = None) -> tuple[float, int]:
+    """Every shard, one GET after the other: whole objects, or ``range_bytes`` ranged GETs."""
     started = time.perf_counter()
     total = 0
     for key in keys:
-        total += len(client.get_object(Bucket="bench", Key=key)["Body"].read())
+        if range_bytes is None:
+            total += len(client.get_object(Bucket="bench", Key=key)["Body"].read())
+            continue
+        size = client.head_object(Bucket="bench", Key=key)["ContentLength"]
+        for start in range(0, size, range_bytes):
+            span = f"bytes={start}-{min(size, start + range_bytes) - 1}"
+            total += len(client.get_object(Bucket="bench", Key=key, Range=span)["Body"].read())
     return time.perf_counter() - started, total
 
 
@@ -170,7 +181,9 @@ def shape_of(path: Path) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mb", type=int, default=1024, help="MiB of tokens to stream")
+    parser.add_argument(
+        "--mb", type=int, default=4096, help="MiB of tokens to stream (several times the reader's working set)"
+    )
     parser.add_argument("--shard-mb", type=int, default=32, help="MiB per shard")
     parser.add_argument("--range-mb", type=int, default=4, help="ranged GET size of the ranged runs")
     parser.add_argument("--quickstart-steps", type=int, default=40)
@@ -211,6 +224,7 @@ def main() -> None:
             runs[name, "whole"] = loader_epochs(endpoint, context, batch, StreamSettings.from_env())
             runs[name, "ranged"] = loader_epochs(endpoint, context, batch, ranged_settings)
         raw_second = raw_download(client, keys)
+        raw_ranged = raw_download(client, keys, args.range_mb << 20)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -219,6 +233,11 @@ def main() -> None:
     raw_bps = raw_bytes / raw_seconds
     print(f"raw boto3 sequential download: {raw_bps / 2**20:.1f} MiB/s", end="")
     print(f" (runs: {raw_first[1] / raw_first[0] / 2**20:.1f} and {raw_second[1] / raw_second[0] / 2**20:.1f} MiB/s)")
+    ranged_bps = raw_ranged[1] / raw_ranged[0]
+    print(
+        f"raw boto3 sequential ranged download ({args.range_mb} MiB GETs): {ranged_bps / 2**20:.1f} MiB/s "
+        "(moto reads the whole object for every ranged GET: the baseline for the ranged loader)"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         from lmforge.data.storage import LocalStorage
@@ -232,9 +251,11 @@ def main() -> None:
         for kind, label in (("whole", "whole-object GETs"), ("ranged", f"ranged GETs ({args.range_mb} MiB)")):
             run = runs[name, kind]
             steady, first = run.samples / run.steady, run.samples / run.first_epoch
+            base = raw_sps if kind == "whole" else ranged_bps / (context * 2)
+            versus = "raw" if kind == "whole" else "raw ranged"
             print(
-                f"  loader, {label}: steady (epoch 2) {steady:,.0f} samples/s, loader / raw = {steady / raw_sps:.2f} "
-                f"(target >= 0.9); epoch 1 with startup {first:,.0f} samples/s = {first / raw_sps:.2f} x raw, "
+                f"  loader, {label}: steady (epoch 2) {steady:,.0f} samples/s, loader / {versus} = {steady / base:.2f} "
+                f"(target >= 0.9); epoch 1 with startup {first:,.0f} samples/s = {first / base:.2f} x {versus}, "
                 f"first batch after {run.first_batch:.2f} s; fetched {run.fetched / raw_bytes:.2f}x the data (2 epochs)"
             )
         local_sps = local[name][1] / local[name][0]
