@@ -25,6 +25,7 @@ log = logging.getLogger("lmforge.data")
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
+_MIN_THRESHOLD = 32 << 20  # glibc's own dynamic threshold grows up to this: never set it lower
 _MAX_THRESHOLD = 256 << 20  # never keep bigger allocations than this out of mmap
 
 _lock = threading.Lock()
@@ -32,12 +33,13 @@ _applied = 0  # the mmap threshold this process set (0: none yet)
 
 
 def reuse_freed_buffers(largest_buffer: int) -> bool:
-    """Serve allocations up to ``largest_buffer`` bytes (capped at 256 MiB) from the heap and keep up
-    to four of them there when freed. Returns whether glibc took the setting (False elsewhere)."""
+    """Serve allocations up to ``largest_buffer`` bytes (at least 32 MiB, at most 256 MiB) from the heap
+    and keep up to four of them there when freed. Returns whether glibc took the setting (False
+    elsewhere)."""
     global _applied
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return False
-    threshold = min(_MAX_THRESHOLD, int(largest_buffer) + (1 << 16))  # room for the object's header
+    threshold = min(_MAX_THRESHOLD, max(_MIN_THRESHOLD, int(largest_buffer) + (1 << 16)))  # + a header
     with _lock:
         if threshold <= _applied:
             return True
