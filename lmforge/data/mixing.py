@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.data.reader import SampleReader
+from lmforge.data.reader import BATCH_DTYPE, SampleReader
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -277,8 +277,8 @@ class MixedReader:
             -1
         )
         mine_sources = sources[mine]
-        x = np.empty((mine.shape[0], context), dtype=np.int32)  # the readers' batch dtype
-        y = np.empty((mine.shape[0], context), dtype=np.int32)
+        x = np.empty((mine.shape[0], context), dtype=BATCH_DTYPE)
+        y = np.empty((mine.shape[0], context), dtype=BATCH_DTYPE)
         for k, reader in enumerate(self.readers):
             rows_of_k = np.flatnonzero(mine_sources == k)
             if rows_of_k.shape[0]:

@@ -107,7 +107,7 @@ from lmforge.data.storage import Storage, cache_dir, join_uri, local_path
 
 IGNORE_INDEX = -100
 _CHUNK_BYTES = 16 << 20  # bytes of int32 batches assembled ahead at most
-_BATCH_DTYPE = np.dtype(np.int32)
+BATCH_DTYPE = np.dtype(np.int32)  # of every batch a reader returns (a mixer's too)
 _EDGES_BYTES = 64 << 20  # block edges kept for windows across shards (16,000 shards at contextLength 1024)
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
@@ -353,7 +353,7 @@ class SampleReader:
         self._shard_mask_file = np.array([-1 if m is None else m for m in self._mask_file], dtype=np.int64)
         self._file_first_block = np.array([f.first_block for f in self._files], dtype=np.int64)
         self._file_block_size = np.array([f.block_size for f in self._files], dtype=np.int64)
-        self._continues = self._continuations()
+        self._next_file_head = self._next_file_heads()
         self.cache: BlockCache | None = None
         if self.remote:
             root: Path | None = cache
@@ -380,7 +380,7 @@ class SampleReader:
         # one shard into the next needs a few bytes at the end of one block and the start of the
         # other, when either may be out of the cache (the next shard's turn in the order may be far
         # off); they are read from here instead of with GETs of their own.
-        self._edge_bytes = (self.context_length + 1) * max(4, self.dtype.itemsize)
+        self._edge_bytes = (self.context_length + 1) * 4  # one window at the widest token (uint32)
         self._edges: dict[int, tuple[bytes, bytes]] = {}  # block: (head, tail)
         self._prefetcher: Prefetcher | None = None
         self._planned: int | None = None  # batch size of the prefetch plan running now (None: no plan)
@@ -473,18 +473,17 @@ class SampleReader:
         self._block_file.extend([index] * max(1, -(-size // block_size)))
         return index
 
-    def _continuations(self) -> list[int]:
-        """For each block, the block whose first bytes a window running past its end reads next: the
-        file's next block, or the first block of the next shard's file of the same kind (-1: none)."""
-        following = list(range(1, len(self._block_file) + 1))
+    def _next_file_heads(self) -> dict[int, int]:
+        """The last block of each file: the first block of the next shard's file of the same kind, which
+        a window running past that block's end reads next (a file's other blocks are followed by its
+        own next block, which the prefetch plan fetches anyway)."""
+        heads: dict[int, int] = {}
         for kind in (self._token_file, self._mask_file):
             files = [f for f in kind if f is not None]
-            for i, here in enumerate(files):
-                after = files[i + 1] if i + 1 < len(files) else None
+            for here, after in zip(files, files[1:], strict=False):
                 file = self._files[here]
-                last = file.first_block + max(1, -(-file.size // file.block_size)) - 1
-                following[last] = -1 if after is None else self._files[after].first_block
-        return following
+                heads[file.first_block + max(1, -(-file.size // file.block_size)) - 1] = self._files[after].first_block
+        return heads
 
     def _block_range(self, block: int) -> tuple[_File, int, int]:
         file = self._files[self._block_file[block]]
@@ -544,9 +543,9 @@ class SampleReader:
             self.bytes_fetched += length
             self.blocks_fetched += 1
         self._remember_edges(block, data, whole=True)
-        after = self._continues[block]
-        if after < 0 or after in self._edges or self._block_file[after] == self._block_file[block]:
-            return  # nothing follows, known already, or the same file's next block (the plan fetches it)
+        after = self._next_file_head.get(block)
+        if after is None or after in self._edges:
+            return  # not a file's end, or the next file's head is known already
         if self.cache.contains(self._block_name(after), self._block_range(after)[2]):
             return
         # The window at this file's end runs into the next shard's file, whose own turn in the order
@@ -556,12 +555,17 @@ class SampleReader:
         file, offset, length = self._block_range(after)
         take = min(length, self._edge_bytes)
         try:
-            head = self._get(file, offset, take)
+            head = self._get_counted(file, offset, take)
         except (ShardError, StorageUnavailable):
             return
         self._remember_edges(after, head, whole=take == length)
+
+    def _get_counted(self, file: _File, offset: int, length: int) -> bytes:
+        """:meth:`_get` of a few bytes outside any block (not cached), counted as fetched."""
+        data = self._get(file, offset, length)
         with self._fetch_lock:
-            self.bytes_fetched += take
+            self.bytes_fetched += length
+        return data
 
     def _from_edges(self, block: int, begin: int, take: int, size: int) -> np.ndarray | None:
         """Bytes ``[begin, begin + take)`` of a block of ``size`` bytes from its kept edges, if there."""
@@ -680,9 +684,7 @@ class SampleReader:
                     out[done - start : done - start + take] = known
                     done += take
                     continue
-                out[done - start : done - start + take] = np.frombuffer(self._get(file, done, take), np.uint8)
-                with self._fetch_lock:
-                    self.bytes_fetched += take
+                out[done - start : done - start + take] = np.frombuffer(self._get_counted(file, done, take), np.uint8)
                 done += take
                 continue
             self.cache.pin(name, size)  # never evicted while we copy from it
@@ -711,7 +713,7 @@ class SampleReader:
 
     def _read(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Tokens ``[start, start + length)`` of the stream (int32) and their mask (or None)."""
-        tokens = np.empty(length, dtype=_BATCH_DTYPE)
+        tokens = np.empty(length, dtype=BATCH_DTYPE)
         mask = np.ones(length, dtype=np.uint8) if self.has_mask else None
         i = bisect.bisect_right(self._starts, start) - 1
         done = 0
@@ -738,7 +740,7 @@ class SampleReader:
         :class:`lmforge.data.mixing.MixedReader` keeps the positions)."""
         positions = np.asarray(positions, dtype=np.int64)
         if positions.shape[0] == 0:
-            empty = np.empty((0, self.context_length), dtype=_BATCH_DTYPE)
+            empty = np.empty((0, self.context_length), dtype=BATCH_DTYPE)
             return empty, empty.copy()
         self.bytes_read += positions.shape[0] * self._sample_bytes
         return self._batch(self._sample_indices(positions))
@@ -819,8 +821,8 @@ class SampleReader:
         offsets = first - self._shard_starts[shard]
         inside = offsets + length <= self._shard_tokens[shard]
         everywhere = bool(inside.all())
-        rows = np.empty((samples.shape[0], length), dtype=_BATCH_DTYPE)
-        target = rows if everywhere else np.empty((int(inside.sum()), length), dtype=_BATCH_DTYPE)
+        rows = np.empty((samples.shape[0], length), dtype=BATCH_DTYPE)
+        target = rows if everywhere else np.empty((int(inside.sum()), length), dtype=BATCH_DTYPE)
         done = self._gather(
             self._shard_token_file[shard] if everywhere else self._shard_token_file[shard[inside]],
             offsets if everywhere else offsets[inside],
@@ -931,7 +933,7 @@ class SampleReader:
     def _assemble(self, batch_size: int) -> tuple[int, int, int, np.ndarray, np.ndarray]:
         """This rank's next few batches in one vectorized read (up to ``_CHUNK_BYTES``): small batches
         would otherwise pay the per-call overhead of numpy for every few samples."""
-        per_batch = (2 if self.has_mask else 1) * _BATCH_DTYPE.itemsize * batch_size * (self.context_length + 1)
+        per_batch = (2 if self.has_mask else 1) * BATCH_DTYPE.itemsize * batch_size * (self.context_length + 1)
         step = self._step * batch_size
         count = max(1, min(self.settings.read_ahead_samples // batch_size, _CHUNK_BYTES // per_batch))
         count = max(1, min(count, self._read_ahead_span(batch_size) // step))

@@ -48,7 +48,7 @@ RETRYABLE_CODES = {
 
 
 class ContentMismatch(OSError):
-    """A fetched body whose size or sha256 does not match what the index promises (retried)."""
+    """A fetched body whose size or checksum does not match what the index promises (retried)."""
 
 
 class VersionMismatch(Exception):
