@@ -11,26 +11,28 @@ from collections import Counter as _Counter
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from lmforge import contract
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 PHASES = ("Pending", "Preparing", "Running", "Restarting", "Suspended", "Stalled", "Succeeded", "Failed")
 
-JOBS_CREATED = Counter(
-    "lmforge_operator_jobs_created_total", "TrainingJobs and CompressionJobs seen created.", ["kind"], registry=REGISTRY
+_created, _succeeded, _failed, _restarts = (
+    contract.OPERATOR_JOBS_CREATED,
+    contract.OPERATOR_JOBS_SUCCEEDED,
+    contract.OPERATOR_JOBS_FAILED,
+    contract.OPERATOR_RESTARTS,
 )
-JOBS_SUCCEEDED = Counter("lmforge_operator_jobs_succeeded_total", "Jobs that succeeded.", registry=REGISTRY)
-JOBS_FAILED = Counter(
-    "lmforge_operator_jobs_failed_total", "Jobs that failed, by reason.", ["reason"], registry=REGISTRY
-)
-RESTARTS = Counter(
-    "lmforge_operator_restarts_total", "Gang restarts (new attempts after a failure).", registry=REGISTRY
-)
+JOBS_CREATED = Counter(_created.name, _created.help, ["kind"], registry=REGISTRY)
+JOBS_SUCCEEDED = Counter(_succeeded.name, _succeeded.help, registry=REGISTRY)
+JOBS_FAILED = Counter(_failed.name, _failed.help, ["reason"], registry=REGISTRY)
+RESTARTS = Counter(_restarts.name, _restarts.help, registry=REGISTRY)
 RECONCILE = Histogram(
-    "lmforge_operator_reconcile_duration_seconds",
-    "Duration of one reconciliation of one job.",
+    contract.OPERATOR_RECONCILE_DURATION.name,
+    contract.OPERATOR_RECONCILE_DURATION.help,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )
-JOBS = Gauge("lmforge_operator_jobs", "Jobs by phase.", ["phase"], registry=REGISTRY)
+JOBS = Gauge(contract.OPERATOR_JOBS.name, contract.OPERATOR_JOBS.help, ["phase"], registry=REGISTRY)
 
 _phases: dict[tuple[str, str, str], str] = {}
 _lock = threading.Lock()

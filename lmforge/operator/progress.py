@@ -11,20 +11,26 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from lmforge import contract
 from lmforge.api.status import CheckpointRef, Progress
 
 _FIELDS = {
-    "lmforge_train_step": "step",
-    "lmforge_train_total_steps": "total_steps",
-    "lmforge_train_loss": "loss",
-    "lmforge_eval_loss": "eval_loss",
-    "lmforge_learning_rate": "lr",
-    "lmforge_tokens_total": "tokens",
-    "lmforge_tokens_per_second": "tokens_per_second",
-    "lmforge_eta_seconds": "eta_seconds",
-    "lmforge_checkpoint_last_step": "checkpoint_step",
-    "lmforge_checkpoint_last_timestamp_seconds": "checkpoint_time",
+    series: field
+    for metric, field in (
+        (contract.TRAIN_STEP, "step"),
+        (contract.TRAIN_TOTAL_STEPS, "total_steps"),
+        (contract.TRAIN_LOSS, "loss"),
+        (contract.EVAL_LOSS, "eval_loss"),
+        (contract.LEARNING_RATE, "lr"),
+        (contract.TOKENS, "tokens"),
+        (contract.TOKENS_PER_SECOND, "tokens_per_second"),
+        (contract.ETA_SECONDS, "eta_seconds"),
+        (contract.CHECKPOINT_LAST_STEP, "checkpoint_step"),
+        (contract.CHECKPOINT_LAST_TIME, "checkpoint_time"),
+    )
+    for series in metric.series
 }
+"""Sample name (as scraped) -> Progress field."""
 _INTEGERS = {"step", "total_steps", "tokens", "checkpoint_step"}
 
 
@@ -33,7 +39,7 @@ def parse(text: str) -> dict[str, float]:
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            field = _FIELDS.get(sample.name) or _FIELDS.get(sample.name.removesuffix("_total"))
+            field = _FIELDS.get(sample.name)
             if field is None or sample.labels.get("rank", "0") != "0":
                 continue
             if sample.value == sample.value:  # skip NaN
@@ -67,4 +73,4 @@ def to_checkpoint(values: dict[str, float], uri: str) -> CheckpointRef | None:
 
     stamp = values.get("checkpoint_time")
     when = datetime.datetime.fromtimestamp(stamp, datetime.UTC).replace(microsecond=0) if stamp else None
-    return CheckpointRef(step=int(step), uri=f"{uri.rstrip('/')}/step-{int(step):08d}", time=when)
+    return CheckpointRef(step=int(step), uri=contract.under(uri, contract.checkpoint_tag(int(step))), time=when)

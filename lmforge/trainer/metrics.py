@@ -27,6 +27,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from lmforge import contract
+
 log = logging.getLogger(__name__)
 
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -44,47 +46,34 @@ class TrainerMetrics:
 
     def __init__(self, *, job: str, namespace: str, rank: int, local_rank: int, port: int) -> None:
         self.registry = CollectorRegistry()
-        self.labels = {"job": job, "namespace": namespace, "rank": str(rank)}
+        self.labels = dict(zip(contract.TRAINER_LABELS, (job, namespace, str(rank)), strict=True))
         names = list(self.labels)
 
-        def gauge(name: str, text: str) -> Any:
-            return Gauge(name, text, names, registry=self.registry).labels(**self.labels)
+        def family(metric: contract.Metric) -> Any:
+            kind = Gauge if metric.kind == "gauge" else Counter
+            return kind(metric.name, metric.help, names, registry=self.registry).labels(**self.labels)
 
-        self.train_loss = gauge("lmforge_train_loss", "Training loss (mean over the last log interval).")
-        self.eval_loss = gauge("lmforge_eval_loss", "Held-out loss at the last evaluation.")
-        self.learning_rate = gauge("lmforge_learning_rate", "Current learning rate.")
-        self.train_step = gauge("lmforge_train_step", "Optimizer steps completed.")
-        self.total_steps = gauge("lmforge_train_total_steps", "Optimizer steps planned.")
-        self.tokens_per_second = gauge("lmforge_tokens_per_second", "Training tokens per second, all ranks.")
-        self.grad_norm = gauge("lmforge_grad_norm", "Global gradient norm before clipping.")
-        self.data_wait = gauge(
-            "lmforge_data_wait_seconds", "Seconds this rank waited for data in the last log interval."
-        )
-        self.checkpoint_step = gauge("lmforge_checkpoint_last_step", "Step of the newest committed checkpoint.")
-        self.checkpoint_time = gauge(
-            "lmforge_checkpoint_last_timestamp_seconds", "Unix time of the newest committed checkpoint."
-        )
-        self.checkpoint_seconds = gauge("lmforge_checkpoint_seconds", "Duration of the last checkpoint save.")
-        self.eta_seconds = gauge("lmforge_eta_seconds", "Estimated seconds until training ends.")
-        self.mfu = gauge("lmforge_mfu", "Model FLOPs utilisation (GPU only).")
-        self.gpu_memory = gauge("lmforge_gpu_memory_bytes", "Peak GPU memory allocated (GPU only).")
-        self.tokens = Counter(
-            "lmforge_tokens", "Training tokens consumed, all ranks.", names, registry=self.registry
-        ).labels(**self.labels)
-
-        # Data streaming (lmforge/data/reader.py counters), updated at each log interval.
-        def counter(name: str, text: str) -> Any:
-            return Counter(name, text, names, registry=self.registry).labels(**self.labels)
-
-        self.data_samples = counter("lmforge_data_samples_read", "Training samples read by this rank.")
-        self.data_bytes = counter(
-            "lmforge_data_bytes_read", "Bytes of token data read from storage by this rank (downloaded for s3://)."
-        )
-        self.data_s3_errors = counter("lmforge_data_s3_errors", "Failed S3 GETs of training data (each attempt).")
-        self.data_s3_retries = counter("lmforge_data_s3_retries", "Retried S3 GETs of training data.")
-        self.data_prefetch_depth = gauge(
-            "lmforge_data_prefetch_queue_depth", "Data blocks fetched or in flight ahead of this rank's reader."
-        )
+        self.train_loss = family(contract.TRAIN_LOSS)
+        self.eval_loss = family(contract.EVAL_LOSS)
+        self.learning_rate = family(contract.LEARNING_RATE)
+        self.train_step = family(contract.TRAIN_STEP)
+        self.total_steps = family(contract.TRAIN_TOTAL_STEPS)
+        self.tokens_per_second = family(contract.TOKENS_PER_SECOND)
+        self.grad_norm = family(contract.GRAD_NORM)
+        self.data_wait = family(contract.DATA_WAIT)
+        self.checkpoint_step = family(contract.CHECKPOINT_LAST_STEP)
+        self.checkpoint_time = family(contract.CHECKPOINT_LAST_TIME)
+        self.checkpoint_seconds = family(contract.CHECKPOINT_SECONDS)
+        self.eta_seconds = family(contract.ETA_SECONDS)
+        self.mfu = family(contract.MFU)
+        self.gpu_memory = family(contract.GPU_MEMORY)
+        self.tokens = family(contract.TOKENS)
+        # Data streaming (the readers' counters), updated at each log interval.
+        self.data_samples = family(contract.DATA_SAMPLES_READ)
+        self.data_bytes = family(contract.DATA_BYTES_READ)
+        self.data_s3_errors = family(contract.DATA_S3_ERRORS)
+        self.data_s3_retries = family(contract.DATA_S3_RETRIES)
+        self.data_prefetch_depth = family(contract.DATA_PREFETCH_DEPTH)
         self._data_seen: dict[str, float] = {}
         self.port = port + local_rank
         address = os.environ.get("LMFORGE_METRICS_ADDR", "127.0.0.1")
