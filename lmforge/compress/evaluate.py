@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.data.reader import to_device
+from lmforge.trainer.device import to_device
 from lmforge.trainer.model import GPT, IGNORE_INDEX, KVCache
 
 

@@ -29,8 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lmforge.data.reader import to_device
-from lmforge.trainer.engine import on_gpu
+from lmforge.trainer.device import on_gpu, to_device
 from lmforge.trainer.model import GPT
 
 LossFn = Callable[[Any, Tensor, Tensor], Tensor]

@@ -44,7 +44,7 @@ block it fetched, so a later epoch needs no such GET. Failed fetches are retried
 not pay numpy's per-call overhead each time.
 
 Batches are int32 (``x`` and ``y`` are views of one ``[B, T + 1]`` array when the split has no loss
-mask): a quarter of the host memory traffic and host-to-device copy of int64; :func:`to_device`
+mask): a quarter of the host memory traffic and host-to-device copy of int64; :func:`lmforge.trainer.device.to_device`
 moves them and widens them to the int64 that embeddings and the loss take, on the device.
 
 Environment (read when a reader is created):
@@ -119,12 +119,6 @@ def parse_bytes(name: str, raw: str) -> int:
         raise ValueError(f"{name}={raw!r} is not a size; use bytes or a suffix, e.g. {name}=64G or {name}=512M")
     unit = (match.group(2) or "b")[0].lower()
     return int(match.group(1)) * 1024 ** "bkmgt".index(unit)
-
-
-def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A reader's int32 batch on ``device`` as the int64 ``x``, ``y`` that embeddings and the loss take
-    (widened after the copy, so the host moves a quarter of the bytes)."""
-    return x.to(device, non_blocking=True).long(), y.to(device, non_blocking=True).long()
 
 
 def reader_counters(reader: Any) -> dict[str, float]:
@@ -905,7 +899,7 @@ class SampleReader:
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next ``batch_size`` samples as int32 tensors ``x``, ``y`` of shape ``[B, T]``
-        (:func:`to_device` widens them on the device)."""
+        (:func:`lmforge.trainer.device.to_device` widens them on the device)."""
         started = time.perf_counter()
         chunk = self._chunk
         if chunk is None or chunk[0] != self.position or chunk[1] != batch_size or chunk[2] >= chunk[3].shape[0]:

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from lmforge.api.training import TrainingJobSpec
-
-
-def on_gpu() -> bool:
-    """True when DeepSpeed will run on CUDA (DS_ACCELERATOR=cpu forces CPU)."""
-    return os.environ.get("DS_ACCELERATOR", "") != "cpu" and torch.cuda.is_available()
+from lmforge.trainer.device import on_gpu
 
 
 def deepspeed_config(spec: TrainingJobSpec, world_size: int, *, peak_lr: float) -> dict[str, Any]:

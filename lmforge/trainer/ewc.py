@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lmforge.data.reader import to_device
+from lmforge.trainer.device import to_device
 
 
 class EwcPenalty:

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from lmforge.api.manifest import TrainingJob
-from lmforge.data.reader import to_device
 from lmforge.trainer.context import WorldContext
+from lmforge.trainer.device import on_gpu, rank_device, to_device
 
 log = logging.getLogger("lmforge.trainer")
 
@@ -78,14 +78,6 @@ def _any(flag: bool) -> bool:
 
 
 # --- pieces of the run ---------------------------------------------------------------------
-
-
-def _device() -> torch.device:
-    from lmforge.trainer.engine import on_gpu
-
-    if on_gpu():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def _evaluate(engine: Any, reader: Any, batches: int, micro_batch: int, world: int, device: torch.device) -> float:
@@ -179,13 +171,12 @@ def _start(manifest: TrainingJob, threads: int | None) -> _Started:
     import deepspeed
 
     from lmforge.data.tokenize import prepare_data
-    from lmforge.trainer.engine import on_gpu
 
     spec = manifest.spec
     ctx = WorldContext.from_env(manifest.metadata.name, manifest.metadata.namespace or "default")
     if threads:
         torch.set_num_threads(threads)
-    device = _device()
+    device = rank_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo")

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lmforge.data.reader import to_device
+from lmforge.trainer.device import to_device
 
 SMOOTHING = 0.9
 DIVERGENCE_FACTOR = 4.0
