@@ -120,10 +120,10 @@ def main() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     elif not torch.cuda.is_available():
         raise SystemExit("bench/gpu_mfu.py needs an NVIDIA GPU (or --smoke to check it on CPU)")
-    b_tps, b_mfu = bare(args.steps, args.micro_batch)
-    o_tps, o_mfu = ours(args.steps, args.micro_batch, args.corpus)
     print(f"device: {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu (smoke run: no MFU)'}")
-    print(f"bare nanoGPT-style loop: {b_tps:,.0f} tokens/s, MFU {b_mfu:.1%}")
+    b_tps, b_mfu = bare(args.steps, args.micro_batch)
+    print(f"bare nanoGPT-style loop: {b_tps:,.0f} tokens/s, MFU {b_mfu:.1%}", flush=True)
+    o_tps, o_mfu = ours(args.steps, args.micro_batch, args.corpus)
     print(f"lmforge (DeepSpeed)    : {o_tps:,.0f} tokens/s, MFU {o_mfu:.1%}")
     print(f"ratio lmforge/bare     : {o_tps / b_tps:.3f}")
 

@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from lmforge import exitcodes
@@ -202,6 +202,13 @@ def launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # shutdown_timeout (how long a failed gang's survivors get to exit) is torch >= 2.12's; older
+    # torch (GPU images pin their own) waits its fixed default instead.
+    shutdown = (
+        {"shutdown_timeout": int(os.environ.get("LMFORGE_SHUTDOWN_TIMEOUT", 600))}
+        if "shutdown_timeout" in {f.name for f in fields(LaunchConfig)}
+        else {}
+    )
     config = LaunchConfig(
         min_nodes=plan.nnodes,
         max_nodes=plan.nnodes,
@@ -213,7 +220,7 @@ def launch(
         max_restarts=0,
         monitor_interval=0.5,
         start_method="spawn",
-        shutdown_timeout=int(os.environ.get("LMFORGE_SHUTDOWN_TIMEOUT", 600)),
+        **shutdown,
     )
     # Workers report their own failures (the error for 78, a traceback for 75); torch's logged
     # ProcessExitedException traceback for a deliberate exit code would only bury that message.

@@ -66,13 +66,13 @@ def _broadcast(obj: Any) -> Any:
 
 
 def _mean(value: float, world: int) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=rank_device())  # NCCL reduces GPU tensors only
     dist.all_reduce(tensor)
     return float(tensor.item()) / world
 
 
 def _any(flag: bool) -> bool:
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=rank_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
 

@@ -136,7 +136,7 @@ def find_learning_rate(
         if spec.training.gradient_clipping > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), spec.training.gradient_clipping)
         optimizer.step()
-        value = torch.tensor([float(loss.item())], dtype=torch.float64)
+        value = torch.tensor([float(loss.item())], dtype=torch.float64, device=device)  # NCCL: GPU tensors only
         if world > 1:
             dist.all_reduce(value)
         return float(value.item()) / world
