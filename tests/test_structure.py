@@ -138,3 +138,20 @@ def test_no_module_takes_another_modules_private_name() -> None:
         if source != module
     )
     assert not taken, "private names used across modules (make them public or move them): " + "; ".join(taken)
+
+
+def test_the_readme_layout_table_matches_the_tree() -> None:
+    """Every path the README's Layout table names exists, and every part of the package is named."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = {path for cell in re.findall(r"^\| ([^|]+) \|", section, flags=re.M) for path in re.findall(r"`([^`]+)`", cell)}
+    missing = sorted(path for path in named if not (PACKAGE.parent / path.rstrip("/")).exists())
+    assert not missing, f"the README's Layout table names paths that do not exist: {missing}"
+    parts = {
+        f"lmforge/{entry.name}{'/' if entry.is_dir() else ''}"
+        for entry in PACKAGE.iterdir()
+        if entry.name not in {"__init__.py", "__pycache__", "py.typed"}
+    }
+    assert parts - named == set(), f"parts of lmforge/ the README's Layout table does not name: {sorted(parts - named)}"
