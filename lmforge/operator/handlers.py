@@ -226,4 +226,4 @@ async def supervise_compression(
 @kopf.on.probe(id="jobs")
 def probe_jobs(**_: Any) -> int:
     """Liveness payload: how many jobs this operator tracks."""
-    return len(metrics._phases)
+    return metrics.tracked_jobs()
