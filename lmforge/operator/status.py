@@ -10,9 +10,18 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from lmforge.api.status import Condition, JobStatusBase
+from lmforge.api.status import CompressionJobStatus, Condition, JobStatusBase, TrainingJobStatus
 
 TERMINAL = {"Succeeded", "Failed"}
+
+
+def load_status(kind: str, body: Any) -> TrainingJobStatus | CompressionJobStatus:
+    """The status of a ``kind`` object (TrainingJob or CompressionJob) as its body holds it."""
+    model = TrainingJobStatus if kind == "TrainingJob" else CompressionJobStatus
+    try:
+        return model.model_validate(dict(body.get("status") or {}))
+    except ValueError:  # someone wrote a status we cannot read: start over rather than crash-loop
+        return model()
 
 
 def now() -> datetime.datetime:
