@@ -1,4 +1,4 @@
-"""Phase and condition helpers over the status models in :mod:`lmforge.api.status`.
+"""Loading the status, and phase and condition helpers over the status models in :mod:`lmforge.api.status`.
 
 The status is always rebuilt from the models (not patched key by key), so what the operator writes
 is exactly what the CRD schema and ``kubectl get`` expect. Conditions follow Kubernetes rules:
