@@ -13,11 +13,12 @@ Phases: Pending → Running → Succeeded | Failed, with Restarting (a new gang 
 failure), Stalled (no step progress for stallTimeoutSeconds), Suspended (suspend: true).
 CompressionJobs have only Pending/Running/Succeeded/Failed; the others map onto those.
 
-A step is the concerns below, called top to bottom on one :class:`~lmforge.operator.context.StepContext`:
-the run policy and attempts (:mod:`lmforge.operator.attempts`), data preparation — the
-Preparing phase of a TrainingJob with ``spec.data.prepare``, see :func:`lmforge.operator.preparing.prepare`
-— progress and stalls (:mod:`lmforge.operator.stall`) and what is particular to CompressionJobs
-(:mod:`lmforge.operator.compression`).
+:func:`step` calls the concerns top to bottom on one :class:`~lmforge.operator.context.StepContext`:
+the run policy (TTL of a finished job, activeDeadlineSeconds, suspend: :mod:`attempts`), then
+the Preparing phase of a TrainingJob with ``spec.data.prepare`` (:func:`preparing.prepare`),
+then either a new attempt, once a CompressionJob's source model is there (:mod:`compression`),
+or the supervision of the current one (:func:`attempts.supervise`, with progress and stalls
+from :mod:`stall`).
 """
 
 from __future__ import annotations
