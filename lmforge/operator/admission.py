@@ -24,11 +24,10 @@ import kopf
 from lmforge import API_GROUP_VERSION
 from lmforge.api.errors import Problem
 from lmforge.api.loading import validate_document
-from lmforge.api.status import CompressionJobStatus, TrainingJobStatus
 from lmforge.operator import children, metrics
+from lmforge.operator.children import Manifest
 from lmforge.operator.kube import Kube
-from lmforge.operator.reconcile import Manifest
-from lmforge.operator.status import get_condition, set_condition, set_phase
+from lmforge.operator.status import get_condition, load_status, set_condition, set_phase
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +49,6 @@ def describe_problems(problems: list[Problem]) -> str:
     return "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in problems)
 
 
-def load_status_any(kind: str, body: Any) -> TrainingJobStatus | CompressionJobStatus:
-    model = TrainingJobStatus if kind == "TrainingJob" else CompressionJobStatus
-    try:
-        return model.model_validate(dict(body.get("status") or {}))
-    except ValueError:  # someone wrote a status we cannot read: start over rather than crash-loop
-        return model()
-
-
 def ensure_static_children(kube: Kube, manifest: Manifest, owner: Any) -> None:
     """ConfigMap (kept equal to the spec), headless Service and PodGroup; existing ones are reused."""
     namespace = manifest.metadata.namespace or "default"
@@ -74,7 +65,7 @@ def admit(kube: Kube, body: dict[str, Any], manifest: Manifest | None, problems:
     Blocking (API calls): the supervisor runs it in a worker thread.
     """
     kind = body["kind"]
-    status = load_status_any(kind, body)
+    status = load_status(kind, body)
     if status.start_time is None and not status.conditions:  # never admitted before: a new job
         metrics.JOBS_CREATED.labels(kind=kind).inc()
     status.observed_generation = (body.get("metadata") or {}).get("generation")

@@ -28,10 +28,11 @@ import kopf
 from lmforge import API_GROUP, API_GROUP_VERSION, API_VERSION
 from lmforge.operator import children, metrics
 from lmforge.operator import settings as _settings  # noqa: F401 - registers the startup and login handlers
-from lmforge.operator.admission import admit, load_status_any, validate
+from lmforge.operator.admission import admit, validate
+from lmforge.operator.context import JobMemory, Manifest, Observed, Options
 from lmforge.operator.kube import ApiError
-from lmforge.operator.reconcile import JobMemory, Manifest, Observed, Options, reconcile
-from lmforge.operator.status import now, set_condition, status_patch
+from lmforge.operator.reconcile import reconcile
+from lmforge.operator.status import load_status, now, set_condition, status_patch
 
 KINDS = {"trainingjobs": "TrainingJob", "compressionjobs": "CompressionJob"}
 _KIND_LABELS = {"TrainingJob": "training", "CompressionJob": "compression"}
@@ -169,7 +170,7 @@ async def supervise(
                     status, delete = await asyncio.to_thread(reconcile, kube, observed, memory, options)
             except Exception as exc:  # noqa: BLE001 - recorded as a condition, retried next step
                 logger.exception("reconciliation failed")
-                failed = load_status_any(kind, snapshot)
+                failed = load_status(kind, snapshot)
                 set_condition(failed, "Reconciled", False, type(exc).__name__, str(exc)[:1000])
                 status, delete, admitting, manifest = failed.to_manifest(), False, False, admitted[1]
             metrics.RECONCILE.observe(time.perf_counter() - started)
@@ -226,4 +227,4 @@ async def supervise_compression(
 @kopf.on.probe(id="jobs")
 def probe_jobs(**_: Any) -> int:
     """Liveness payload: how many jobs this operator tracks."""
-    return len(metrics._phases)
+    return metrics.tracked_jobs()

@@ -53,6 +53,12 @@ def observe_phase(kind: str, namespace: str, name: str, phase: str | None) -> No
             JOBS.labels(phase=each).set(counts.get(each, 0))
 
 
+def tracked_jobs() -> int:
+    """How many jobs have a phase recorded here (:func:`observe_phase`): the jobs this operator tracks."""
+    with _lock:
+        return len(_phases)
+
+
 def serve(port: int, addr: str = "0.0.0.0") -> None:
     """Serve /metrics on ``addr:port`` from a daemon thread (port 0 disables)."""
     if port:

@@ -1,4 +1,4 @@
-"""Phase and condition helpers over the status models in :mod:`lmforge.api.status`.
+"""Loading the status, and phase and condition helpers over the status models in :mod:`lmforge.api.status`.
 
 The status is always rebuilt from the models (not patched key by key), so what the operator writes
 is exactly what the CRD schema and ``kubectl get`` expect. Conditions follow Kubernetes rules:
@@ -10,9 +10,18 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from lmforge.api.status import Condition, JobStatusBase
+from lmforge.api.status import CompressionJobStatus, Condition, JobStatusBase, TrainingJobStatus
 
 TERMINAL = {"Succeeded", "Failed"}
+
+
+def load_status(kind: str, body: Any) -> TrainingJobStatus | CompressionJobStatus:
+    """The status of a ``kind`` object (TrainingJob or CompressionJob) as its body holds it."""
+    model = TrainingJobStatus if kind == "TrainingJob" else CompressionJobStatus
+    try:
+        return model.model_validate(dict(body.get("status") or {}))
+    except ValueError:  # someone wrote a status we cannot read: start over rather than crash-loop
+        return model()
 
 
 def now() -> datetime.datetime:
