@@ -239,7 +239,7 @@ def compress(
     if spec.data is not None:
         tokenizer_file = out_dir / ".source-tokenizer.json"
         tokenizer_file.write_text(tokenizer.to_str())
-        prepared = cdata.prepare(
+        prepared = cdata.prepare_for_compression(
             spec.data, output, tokenizer_uri=f"file://{tokenizer_file}", s3=spec.s3, log=log
         ).prepared_uri
     else:
