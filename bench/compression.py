@@ -109,7 +109,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as tmp:
         root = Path(tmp)
-        prepared = cdata.prepare(
+        prepared = cdata.prepare_for_compression(
             Data(sources=[f"file://{REPO}/examples/data/python-docs.txt"], validation_fraction=0.05),
             f"file://{root}",
             vocab_size=VOCAB,

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def corpus(count: int, seed: int = 0) -> list[str]:
     from lmforge.api.data import Data
-    from lmforge.data.prepare.read import DocumentReader
+    from lmforge.data.sources import DocumentReader
     from lmforge.data.storage import LocalStorage
 
     data = Data.model_validate({"sources": ["file:///x"], "format": "text"})
@@ -60,9 +60,9 @@ def corpus(count: int, seed: int = 0) -> list[str]:
 
 def run_lmforge(texts: list[str]) -> tuple[float, int]:
     from lmforge.api.data import Prepare
-    from lmforge.data.prepare.pipeline import Pipeline
-    from lmforge.data.prepare.report import Report
-    from lmforge.data.prepare.text import Doc
+    from lmforge.data.cleaning.pipeline import Pipeline
+    from lmforge.data.cleaning.report import Report
+    from lmforge.data.cleaning.text import Doc
 
     prepare = Prepare.model_validate({"quality": {"gopherQuality": True, "gopherRepetition": True, "fineweb": True}})
     docs = [Doc([t]) for t in texts]
@@ -113,9 +113,9 @@ def equal_work(texts: list[str]) -> dict[str, tuple[float, float]]:
     from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
     from datatrove.utils.hashing import HashConfig
 
-    from lmforge.data.prepare.dedup import NearDedup
-    from lmforge.data.prepare.quality import QualityFilters
-    from lmforge.data.prepare.text import Doc
+    from lmforge.data.cleaning.dedup import NearDedup
+    from lmforge.data.cleaning.quality import QualityFilters
+    from lmforge.data.cleaning.text import Doc
 
     results: dict[str, tuple[float, float]] = {}
     started = time.perf_counter()

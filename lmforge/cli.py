@@ -132,7 +132,7 @@ def _print_summary(result: dict) -> None:
 @app.command()
 def prepare(manifest: Annotated[Path, typer.Argument(help="TrainingJob manifest; its spec.data is prepared.")]) -> None:
     """Prepare spec.data (clean, deduplicate, filter, tokenize) into shards and print the data report."""
-    from lmforge.data.tokenize import prepare_data
+    from lmforge.data.preparation import prepare_data
 
     job = _load_training_job(manifest)
     try:

@@ -51,7 +51,7 @@ def one_thread():  # noqa: ANN201
 def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """``<run>/data`` (prepared shards) and ``<run>/model`` (a trained, exported tiny model)."""
     root = tmp_path_factory.mktemp("compress-run")
-    prepared = cdata.prepare(
+    prepared = cdata.prepare_for_compression(
         Data(sources=[f"file://{CORPUS}"], validation_fraction=0.1),
         f"file://{root}",
         vocab_size=512,

@@ -10,15 +10,15 @@ import pytest
 import zstandard
 
 from lmforge.api.data import Data
-from lmforge.data.prepare.annotate import AnnotationRules
-from lmforge.data.prepare.augment import Augmenter, parse_synonyms, split_sentences
-from lmforge.data.prepare.dedup import ExactDedup, NearDedup
-from lmforge.data.prepare.normalize import normalize
-from lmforge.data.prepare.pii import PiiRedactor
-from lmforge.data.prepare.quality import QualityFilters, c4, fineweb, gopher_quality, gopher_repetition
-from lmforge.data.prepare.read import DocumentReader
-from lmforge.data.prepare.script import ScriptFilter
-from lmforge.data.prepare.text import Doc, TextView
+from lmforge.data.cleaning.annotate import AnnotationRules
+from lmforge.data.cleaning.augment import Augmenter, parse_synonyms, split_sentences
+from lmforge.data.cleaning.dedup import ExactDedup, NearDedup
+from lmforge.data.cleaning.normalize import normalize
+from lmforge.data.cleaning.pii import PiiRedactor
+from lmforge.data.cleaning.quality import QualityFilters, c4, fineweb, gopher_quality, gopher_repetition
+from lmforge.data.cleaning.script import ScriptFilter
+from lmforge.data.cleaning.text import Doc, TextView
+from lmforge.data.sources import DocumentReader
 from lmforge.data.storage import LocalStorage
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -116,7 +116,7 @@ def test_fineweb_and_c4_rules() -> None:
 
 
 def test_quality_filters_tokenise_each_document_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lmforge.data.prepare import text
+    from lmforge.data.cleaning import text
 
     calls = []
     original = text._WORD
@@ -244,7 +244,7 @@ def test_reader_text_format_invalid_utf8_section(tmp_path: Path) -> None:
 
 
 def test_zstd_multi_frame_is_read_whole() -> None:
-    from lmforge.data.prepare.read import _ZstdRaw
+    from lmforge.data.sources import _ZstdRaw
 
     frames = zstandard.ZstdCompressor().compress(b"one\n") + zstandard.ZstdCompressor().compress(b"two\n")
     assert io.BufferedReader(_ZstdRaw(io.BytesIO(frames))).read() == b"one\ntwo\n"
@@ -253,7 +253,7 @@ def test_zstd_multi_frame_is_read_whole() -> None:
 def test_duplicate_ngram_scan_matches_gophers_definition() -> None:
     import random
 
-    from lmforge.data.prepare.quality import _duplicate_ngram_chars
+    from lmforge.data.cleaning.quality import _duplicate_ngram_chars
 
     def reference(words: list[str], n: int) -> int:  # Gopher's greedy scan, as datatrove writes it
         seen: set[str] = set()

@@ -11,9 +11,9 @@ import pytest
 import zstandard
 
 from lmforge.api.training import TrainingJobSpec
-from lmforge.data.prepare.normalize import normalize
+from lmforge.data.cleaning.normalize import normalize
+from lmforge.data.preparation import prepare_data
 from lmforge.data.storage import storage_for
-from lmforge.data.tokenize import prepare_data
 from tests.s3fixture import s3_client, s3_server  # noqa: F401
 from tests.test_prepare import ENGLISH, FIXTURES, ZH_DOCS
 from tests.test_tokenize import _decode_split

@@ -12,10 +12,10 @@ import pytest
 import zstandard
 
 from lmforge.api.training import TrainingJobSpec
+from lmforge.data.preparation import is_validation, prepare_data
 from lmforge.data.reader import SampleReader
 from lmforge.data.shards import read_index, verify
 from lmforge.data.storage import LocalStorage, join_uri, storage_for
-from lmforge.data.tokenize import is_validation, prepare_data
 from tests.s3fixture import s3_client, s3_server  # noqa: F401
 
 # ruff: noqa: F811  (pytest injects the imported s3_server fixture by parameter name)
@@ -93,7 +93,7 @@ def test_text_corpus_prepares_once_and_is_reused(tmp_path: Path) -> None:
 
 
 def test_paragraphs_stay_together_until_a_section_break_or_the_target_size(tmp_path: Path) -> None:
-    from lmforge.data.tokenize import TEXT_DOCUMENT_TARGET_CHARS
+    from lmforge.data.sources import TEXT_DOCUMENT_TARGET_CHARS
 
     section = "First paragraph.\n\nSecond paragraph of the same section."
     long_paragraph = "word " * (TEXT_DOCUMENT_TARGET_CHARS // 5 + 10)

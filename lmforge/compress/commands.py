@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import exitcodes
+from lmforge.contract import DATA_DIR, MODEL_META
 
 Echo = Callable[..., None]
 
@@ -64,12 +65,12 @@ def eval_command(
     """
     from lmforge.compress.evaluate import evaluate_dir, format_evaluation
 
-    if not (model_dir / "lmforge_model.json").exists():
-        echo(f"error: {model_dir} is not an exported lmforge model (no lmforge_model.json)", err=True)
+    if not (model_dir / MODEL_META).exists():
+        echo(f"error: {model_dir} is not an exported lmforge model (no {MODEL_META})", err=True)
         return exitcodes.PROBLEMS_FOUND
     prepared = data
-    if prepared is None and (model_dir.parent / "data" / "val" / "index.json").exists():
-        prepared = f"file://{(model_dir.parent / 'data').absolute()}"
+    if prepared is None and (model_dir.parent / DATA_DIR / "val" / "index.json").exists():
+        prepared = f"file://{(model_dir.parent / DATA_DIR).absolute()}"
     if prepared is None:
         echo("note: no --data and no prepared data next to the model: perplexity is not measured", err=True)
     elif "://" not in prepared:

@@ -1,4 +1,4 @@
-"""Data for a CompressionJob: token shards made with the source model's own tokenizer.
+"""Data for a CompressionJob: ``spec.data`` prepared as for training, with the source model's own tokenizer.
 
 Calibration and recovery/distillation batches come from the train split, perplexity from the val
 split, both through :class:`~lmforge.data.reader.SampleReader` as in training.
@@ -13,12 +13,12 @@ from torch import Tensor
 
 from lmforge.api.common import S3Settings
 from lmforge.api.data import Data
+from lmforge.data.preparation import PreparedData, prepare_data
 from lmforge.data.reader import SampleReader
 from lmforge.data.storage import join_uri, storage_for
-from lmforge.data.tokenize import PreparedData, prepare_data
 
 
-def prepare(
+def prepare_for_compression(
     data: Data,
     output_uri: str,
     *,
@@ -27,10 +27,11 @@ def prepare(
     s3: S3Settings | None = None,
     log: Callable[[str], None] = print,
 ) -> PreparedData:
-    """Tokenize ``data`` (with the tokenizer at ``tokenizer_uri``, else a new BPE) into shards.
+    """Prepare a CompressionJob's ``data`` as training does (:func:`~lmforge.data.preparation.prepare_data`).
 
-    The shards go to ``data.preparedUri`` or ``OUTPUT/data``; prepared data with the same settings is
-    reused, as in training.
+    The tokenizer is the one at ``tokenizer_uri`` (the source model's), else a new BPE of
+    ``vocab_size`` tokens. The shards go to ``data.preparedUri`` or ``OUTPUT/data``; prepared data
+    with the same fingerprint is reused, as in training.
     """
     from lmforge.api.training import Output, TrainingJobSpec
     from lmforge.api.training import Tokenizer as TokenizerSpec

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lmforge.contract import MODEL_META
 from lmforge.trainer.export import FORMAT_VERSION, export_model, load_model
 from lmforge.trainer.model import GPT, GPTConfig
 
@@ -81,7 +82,7 @@ def save_quantized(model: GPT, tokenizer: tokenizers.Tokenizer, out_dir: str | P
         save_float(stub, tokenizer, tmp)
         for name in _TOKENIZER_FILES:
             shutil.copyfile(Path(tmp) / name, out / name)
-    (out / "lmforge_model.json").write_text(
+    (out / MODEL_META).write_text(
         json.dumps({"format_version": FORMAT_VERSION, **model.config.to_dict()}, indent=2) + "\n"
     )
     state = _dedup_tied(model)
@@ -115,7 +116,7 @@ def load_any(model_dir: str | Path, device: str = "cpu") -> tuple[GPT, tokenizer
         model, tok = load_model(directory, device=device)
         return model, tok, None
     info = json.loads((directory / QUANT_META).read_text())
-    meta = json.loads((directory / "lmforge_model.json").read_text())
+    meta = json.loads((directory / MODEL_META).read_text())
     meta.pop("format_version", None)
     config = GPTConfig.from_dict(meta)
     model = GPT(config).eval()
@@ -123,7 +124,7 @@ def load_any(model_dir: str | Path, device: str = "cpu") -> tuple[GPT, tokenizer
 
     tied = info.get("tied_quantized", False)
     if info["library"] == "torchao":
-        from lmforge.compress.quantize import _quiet_torchao, torchao_available
+        from lmforge.compress.quantize import quiet_torchao, torchao_available
 
         if not torchao_available():
             raise ModuleNotFoundError(
@@ -131,7 +132,7 @@ def load_any(model_dir: str | Path, device: str = "cpu") -> tuple[GPT, tokenizer
                 f"(pip install torchao=={info.get('torchao_version', '0.18.0')}) to load it"
             )
 
-        _quiet_torchao()
+        quiet_torchao()
         from safetensors import safe_open
         from safetensors.torch import load_file
         from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
@@ -150,7 +151,7 @@ def load_any(model_dir: str | Path, device: str = "cpu") -> tuple[GPT, tokenizer
     missing = [k for k in result.missing_keys if not (tied and k == "embed_tokens.weight")]
     if missing or result.unexpected_keys:
         raise ValueError(
-            f"{directory} does not match its lmforge_model.json: missing {missing[:3]}, "
+            f"{directory} does not match its {MODEL_META}: missing {missing[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}"
         )
     if tied:

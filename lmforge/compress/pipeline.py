@@ -2,19 +2,24 @@
 
 1. The source model (``spec.model.uri``, file:// or s3://; for ``model.trainingJob`` the operator
    passes the resolved URI in ``LMFORGE_SOURCE_MODEL_URI``) is fetched and loaded.
-2. Data: ``spec.data`` is tokenized with the source model's tokenizer (``data.preparedUri`` or
-   ``OUTPUT/data``); without it, the prepared data next to the source model (``<run>/data`` for
-   ``<run>/model``, as a TrainingJob writes it) gives the validation split.
-3. The baseline is evaluated, then every step runs on the model the previous step left, is written
-   to ``OUTPUT/steps/NN-<kind>/``, loaded back from there and evaluated (so every row measures a
-   model that really loads). Pruning recovery and distillation train through the trainer's DeepSpeed
-   engine on a world of one process (:mod:`lmforge.compress.train`); the step's report and its
-   ``training`` record in results.json name the engine, ZeRO stage and precision that ran.
-4. ``OUTPUT/results.json`` (rows, full evaluations, step reports, gate), ``results.md`` and
-   ``results.png`` are written, and the final model is copied to ``OUTPUT/model``.
-5. Quality gate: when the final perplexity exceeds the baseline's by more than
-   ``evaluation.maxPerplexityIncrease``, :class:`QualityGateFailed` is raised *after* everything
-   above is written; the CLI exits with :data:`QUALITY_GATE_EXIT`.
+2. Data: ``spec.data`` is prepared as for training, with the source model's tokenizer
+   (:func:`lmforge.compress.data.prepare_for_compression`; ``data.preparedUri`` or ``OUTPUT/data``);
+   without it, the prepared data next to the source model (``<run>/data`` for ``<run>/model``, as a
+   TrainingJob writes it) gives the validation split.
+3. The baseline is evaluated, then every step runs on the model the previous step left (one
+   function per kind: :func:`_prune_step`, :func:`_distill_step`, :func:`_quantize_step`), is written
+   to ``OUTPUT/steps/NN-<kind>/``, loaded back from there and evaluated (:func:`_evaluate`; so every
+   row measures a model that really loads). Pruning recovery and distillation train through the
+   trainer's DeepSpeed engine on a world of one process (:mod:`lmforge.compress.train`); the step's
+   report and its ``training`` record in results.json name the engine, ZeRO stage and precision
+   that ran.
+4. The quality gate decides (:func:`lmforge.compress.gate.quality_gate`, a pure function); then
+   ``OUTPUT/results.json`` (rows, full evaluations, step reports, gate), ``results.md`` and
+   ``results.png`` are written (:mod:`lmforge.compress.results`), the final model is copied to
+   ``OUTPUT/model`` and everything is published to ``spec.output.uri``.
+5. When the final perplexity exceeds the baseline's by more than ``evaluation.maxPerplexityIncrease``,
+   :class:`QualityGateFailed` is raised *after* everything above is written; the CLI exits with
+   :data:`QUALITY_GATE_EXIT`.
 
 Batches: calibration, recovery, distillation and evaluation use micro-batches of
 ``distill.microBatchSize`` (distill) or :data:`MICRO_BATCH` sequences of the model's context length.
@@ -23,8 +28,6 @@ Latency uses prompts of half the context and ``min(32, context / 4)`` decode ste
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
 import time
@@ -40,10 +43,30 @@ from lmforge.api.manifest import CompressionJob
 from lmforge.api.status import CompressionResult
 from lmforge.compress import data as cdata
 from lmforge.compress.evaluate import Evaluation, evaluate_model
+from lmforge.compress.gate import GATE_REASON, quality_gate
 from lmforge.compress.modelio import load_any, save_float, save_quantized, weights_bytes
+from lmforge.compress.results import (
+    StepRecord,
+    markdown_table,
+    result_row,
+    results_document,
+    results_markdown,
+    write_results,
+)
+from lmforge.contract import (
+    DATA_DIR,
+    MODEL_DIR,
+    MODEL_META,
+    RESULTS_JSON,
+    RESULTS_MD,
+    RESULTS_PNG,
+    STEPS_DIR,
+    CompressionLayout,
+)
+from lmforge.data.reader import SampleReader
+from lmforge.data.shards import INDEX
 from lmforge.data.staging import fetch, local_dir, publish
 from lmforge.data.storage import join_uri, storage_for
-from lmforge.termination import write_termination_message
 
 QUALITY_GATE_EXIT = exitcodes.QUALITY_GATE
 """Exit code of `lmforge compress` when the quality gate fails (not retryable: the same job fails again)."""
@@ -54,20 +77,6 @@ SOURCE_ENV = "LMFORGE_SOURCE_MODEL_URI"
 
 class CompressionSpecError(Exception):
     """The job cannot run as specified (exit INVALID_SPEC)."""
-
-
-@dataclass
-class StepRecord:
-    """One row of the results: the model after a step (or the baseline)."""
-
-    step: str
-    method: str | None
-    model_dir: Path
-    evaluation: Evaluation
-    report: str = ""
-    seconds: float = 0.0
-    training: dict[str, Any] | None = None
-    """How recovery or distillation trained (engine, ZeRO stage, precision, steps, losses); None without training."""
 
 
 @dataclass
@@ -92,7 +101,7 @@ class CompressionOutcome:
 class QualityGateFailed(Exception):
     """The compressed model broke the quality gate; the results are already written."""
 
-    reason = "QualityGate"
+    reason = GATE_REASON
 
     def __init__(self, outcome: CompressionOutcome) -> None:
         super().__init__(outcome.message)
@@ -109,8 +118,8 @@ def _local_dir(uri: str) -> Path:
 
 def _fetch_model(uri: str, s3: Any) -> Path:
     storage = storage_for(uri, s3)
-    if not storage.exists(join_uri(uri, "lmforge_model.json")):
-        raise CompressionSpecError(f"model.uri {uri} is not an exported lmforge model (no lmforge_model.json)")
+    if not storage.exists(join_uri(uri, MODEL_META)):
+        raise CompressionSpecError(f"model.uri {uri} is not an exported lmforge model (no {MODEL_META})")
     return fetch(storage, uri, "models")
 
 
@@ -129,86 +138,32 @@ def source_model_uri(spec: Any) -> str:
 def _default_prepared(model_uri: str, s3: Any) -> str | None:
     """``<run>/data`` for a model at ``<run>/model`` when it holds prepared data."""
     base = model_uri.rstrip("/")
-    if not base.endswith("/model"):
+    if not base.endswith(f"/{MODEL_DIR}"):
         return None
-    prepared = base[: -len("/model")] + "/data"
+    prepared = base[: -len(f"/{MODEL_DIR}")] + f"/{DATA_DIR}"
     storage = storage_for(prepared, s3)
-    return prepared if storage.exists(join_uri(prepared, "val", "index.json")) else None
+    return prepared if storage.exists(join_uri(prepared, "val", INDEX)) else None
 
 
-def result_row(record: StepRecord, baseline: Evaluation, batch_sizes: list[int]) -> CompressionResult:
-    ev = record.evaluation
-    best = ev.best_latency(1) or ev.best_latency(batch_sizes[0])
-    base = baseline.best_latency(1) or baseline.best_latency(batch_sizes[0])
-    big = max(batch_sizes)
-    prefill = [r.prefill_tokens_per_second for r in ev.latency if r.batch_size == big and r.prefill_tokens_per_second]
-    speedup = None
-    if best and base and best.decode_ms_per_token and base.decode_ms_per_token:
-        speedup = base.decode_ms_per_token / best.decode_ms_per_token
-    return CompressionResult(
-        step=record.step,
-        method=record.method,
-        parameters=ev.parameters,
-        size_bytes=ev.size_bytes,
-        perplexity=ev.perplexity,
-        prefill_tokens_per_second=max(prefill) if prefill else None,
-        decode_ms_per_token=best.decode_ms_per_token if best else None,
-        speedup=speedup,
-    )
+@dataclass
+class _JobData:
+    """The job's prepared data: every reader of a step or an evaluation comes from here."""
+
+    prepared: str
+    context: int
+    s3: Any
+
+    def reader(self, split: str, seed: int = 0) -> SampleReader:
+        return cdata.reader(self.prepared, split, self.context, s3=self.s3, seed=seed)
 
 
-# --- reports ---------------------------------------------------------------------------------
+@dataclass
+class _StepResult:
+    """What a step did; the model itself is in the step's directory."""
 
-
-def markdown_table(results: list[CompressionResult], base_ppl: float | None, base_size: int | None) -> str:
-    lines = [
-        "| step | method | parameters | size (MB) | size ratio | perplexity | PPL Δ | prefill tok/s "
-        "| decode ms/token | speedup |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in results:
-        ratio = f"{r.size_bytes / base_size:.3f}" if r.size_bytes and base_size else "-"
-        delta = f"{100 * (r.perplexity / base_ppl - 1):+.2f}%" if r.perplexity and base_ppl else "-"
-        lines.append(
-            f"| {r.step} | {r.method or '-'} | {r.parameters:,} | "
-            f"{(r.size_bytes or 0) / 1e6:.3f} | {ratio} | "
-            f"{r.perplexity:.3f} | {delta} | "
-            f"{r.prefill_tokens_per_second or 0:,.0f} | {r.decode_ms_per_token or 0:.3f} | "
-            f"{r.speedup or 0:.2f}x |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def bar_chart(results: list[CompressionResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{i}: {r.step}" for i, r in enumerate(results)]  # methods are in results.md
-    panels = [
-        ("size (MB)", [(r.size_bytes or 0) / 1e6 for r in results]),
-        ("perplexity", [r.perplexity or 0 for r in results]),
-        ("decode ms/token (batch 1)", [r.decode_ms_per_token or 0 for r in results]),
-        ("prefill tokens/s", [r.prefill_tokens_per_second or 0 for r in results]),
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
-    for ax, (title, values) in zip(axes, panels, strict=True):
-        bars = ax.bar(range(len(values)), values, color=["#888888"] + ["#3b7dd8"] * (len(values) - 1))
-        ax.set_title(title, fontsize=10)
-        ax.set_xticks(range(len(values)), labels, fontsize=7)
-        for bar, value in zip(bars, values, strict=True):
-            ax.annotate(
-                f"{value:.3g}",
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center",
-                va="bottom",
-                fontsize=7,
-            )
-    fig.suptitle("compression results (grey: baseline)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    method: str
+    report: str
+    training: dict[str, Any] | None = None
 
 
 # --- the pipeline ------------------------------------------------------------------------------
@@ -221,10 +176,6 @@ def compress(
     threads: int | None = None,
 ) -> CompressionOutcome:
     """Run the job; raise :class:`QualityGateFailed` (after writing the results) when the gate breaks."""
-    from lmforge.compress.distill import distill, make_student, recover
-    from lmforge.compress.prune import magnitude_prune, structured_prune
-    from lmforge.compress.quantize import describe, quantize
-
     if threads:
         torch.set_num_threads(threads)
     spec = manifest.spec
@@ -239,7 +190,7 @@ def compress(
     if spec.data is not None:
         tokenizer_file = out_dir / ".source-tokenizer.json"
         tokenizer_file.write_text(tokenizer.to_str())
-        prepared = cdata.prepare(
+        prepared = cdata.prepare_for_compression(
             spec.data, output, tokenizer_uri=f"file://{tokenizer_file}", s3=spec.s3, log=log
         ).prepared_uri
     else:
@@ -250,210 +201,193 @@ def compress(
                 "TrainingJob's OUTPUT/model whose OUTPUT/data holds the prepared validation split"
             )
         log(f"compress: evaluating on the source run's validation split {prepared}")
-
+    data = _JobData(prepared, context, spec.s3)
     ev_spec = spec.evaluation
-    batch_sizes = list(ev_spec.latency_batch_sizes)
-
-    def evaluate(current: Any, directory: Path, name: str) -> Evaluation:
-        log(f"compress: evaluating {name}")
-        return evaluate_model(
-            current,
-            reader=cdata.reader(prepared, "val", context, s3=spec.s3),
-            batches=ev_spec.batches,
-            micro_batch=MICRO_BATCH,
-            size_bytes=weights_bytes(directory),
-            batch_sizes=batch_sizes,
-            compile=ev_spec.compile,
-            prompt_len=max(1, context // 2),
-            decode_tokens=max(1, min(32, context // 4)),
-            profile=True,
-            log=log,
-        )
 
     started = time.time()
-    baseline = evaluate(model, source_dir, "baseline")
+    baseline = _evaluate(model, source_dir, "baseline", data, ev_spec, log)
     records = [StepRecord("baseline", None, source_dir, baseline, "source model", time.time() - started)]
     quantized = source_quant is not None
-    steps_dir = out_dir / "steps"
+    steps_dir = out_dir / STEPS_DIR
     for i, step in enumerate(spec.steps):
         kind = step.kind
         began = time.time()
         directory = steps_dir / f"{i:02d}-{kind}"
         if directory.exists():
             shutil.rmtree(directory)
-        train = cdata.reader(prepared, "train", context, s3=spec.s3, seed=1000 + i)
-        training: dict[str, Any] | None = None
-        if kind in ("prune",) and quantized:
+        train = data.reader("train", seed=1000 + i)
+        if kind == "prune" and quantized:
             raise CompressionSpecError(f"steps[{i}]: a quantized model cannot be pruned; put quantize last")
+        if kind == "quantize" and quantized:
+            raise CompressionSpecError(f"steps[{i}]: the model is already quantized; quantize once, last")
         if kind == "prune":
-            p = step.prune
-            if p.method == "structured":
-
-                def calibration(p: Any = p, i: int = i) -> Any:
-                    return cdata.batches(
-                        cdata.reader(prepared, "train", context, s3=spec.s3, seed=2000 + i),
-                        p.calibration_batches,
-                        MICRO_BATCH,
-                    )
-
-                unpruned = model
-                model, prune_report = structured_prune(model, p.sparsity, list(p.targets), p.importance, calibration)
-                method = f"structured {'+'.join(p.targets)} {p.sparsity:g} ({p.importance})"
-                report = prune_report.summary()
-                if p.recovery_steps:
-                    teacher = "distilled from the unpruned model" if p.recovery_distill else "cross-entropy only"
-                    log(f"compress: recovery fine-tune, {p.recovery_steps} steps at lr {RECOVERY_LR:g}, {teacher}")
-                    fitted = recover(
-                        model,
-                        unpruned,
-                        lambda train=train: train.next_batch(MICRO_BATCH),
-                        steps=p.recovery_steps,
-                        lr=RECOVERY_LR,
-                        use_teacher=p.recovery_distill,
-                        log=log,
-                    )
-                    training = fitted.to_dict()
-                    report += (
-                        f" | recovery: {p.recovery_steps} steps at lr {RECOVERY_LR:g}, {teacher} "
-                        f"({fitted.extra['loss']}), through {fitted.engine.summary()}"
-                    )
-                del unpruned
-            else:
-                model, prune_report = magnitude_prune(model, p.sparsity)
-                method = f"magnitude {p.sparsity:g}"
-                report = prune_report.summary()
-                if p.recovery_steps:
-                    report += " | recovery skipped: fine-tuning would refill the zeroed weights"
-            save_float(model, tokenizer, directory)
+            done = _prune_step(model, step.prune, i, train, data, tokenizer, directory, log)
         elif kind == "distill":
-            d = step.distill
-            student, init = make_student(model, d.student)
-            log(f"compress: {init.summary()}")
-            micro = d.micro_batch_size
-            fitted = distill(
-                model,
-                student,
-                lambda train=train, micro=micro: train.next_batch(micro),
-                steps=d.steps,
-                lr=d.lr,
-                temperature=d.temperature,
-                alpha=d.alpha,
-                log=log,
-            )
-            model, quantized = student, False
-            c = model.config
-            method = f"{c.layers} layers, width {c.width}, T={d.temperature:g}, alpha={d.alpha:g}"
-            training = fitted.to_dict()
-            report = (
-                f"{init.summary()} | {d.steps} steps, micro-batch {micro}, lr {d.lr:g}, {fitted.extra['loss']}, "
-                f"through {fitted.engine.summary()}"
-            )
-            save_float(model, tokenizer, directory)
+            done = _distill_step(model, step.distill, train, tokenizer, directory, log)
+            quantized = False
         else:
-            q = step.quantize
-            if quantized:
-                raise CompressionSpecError(f"steps[{i}]: the model is already quantized; quantize once, last")
-            model, info = quantize(model, q.method, q.group_size)
+            done = _quantize_step(model, step.quantize, tokenizer, directory)
             quantized = True
-            method = q.method
-            report = describe(info)
-            save_quantized(model, tokenizer, directory, info)
-        log(f"compress: step {i} {kind}: {report}")
+        log(f"compress: step {i} {kind}: {done.report}")
         model, _, _ = load_any(directory)  # every row measures the model as it loads from disk
-        evaluation = evaluate(model, directory, f"step {i} ({kind})")
-        records.append(StepRecord(kind, method, directory, evaluation, report, time.time() - began, training))
+        evaluation = _evaluate(model, directory, f"step {i} ({kind})", data, ev_spec, log)
+        records.append(
+            StepRecord(kind, done.method, directory, evaluation, done.report, time.time() - began, done.training)
+        )
 
     return _finish(records, spec, out_dir, output, log)
+
+
+def _evaluate(
+    model: Any, directory: Path, name: str, data: _JobData, ev_spec: Any, log: Callable[[str], None]
+) -> Evaluation:
+    """One row's evaluation: perplexity on the val split, size of ``directory``'s weights, speed, profile."""
+    log(f"compress: evaluating {name}")
+    context = data.context
+    return evaluate_model(
+        model,
+        reader=data.reader("val"),
+        batches=ev_spec.batches,
+        micro_batch=MICRO_BATCH,
+        size_bytes=weights_bytes(directory),
+        batch_sizes=list(ev_spec.latency_batch_sizes),
+        compile=ev_spec.compile,
+        prompt_len=max(1, context // 2),
+        decode_tokens=max(1, min(32, context // 4)),
+        profile=True,
+        log=log,
+    )
+
+
+def _prune_step(
+    model: Any,
+    p: Any,
+    i: int,
+    train: SampleReader,
+    data: _JobData,
+    tokenizer: Any,
+    directory: Path,
+    log: Callable[[str], None],
+) -> _StepResult:
+    """Structured pruning (with recovery fine-tuning when asked) or magnitude pruning; saved to ``directory``."""
+    from lmforge.compress.distill import recover
+    from lmforge.compress.prune import magnitude_prune, structured_prune
+
+    training: dict[str, Any] | None = None
+    if p.method == "structured":
+
+        def calibration(p: Any = p, i: int = i) -> Any:
+            return cdata.batches(data.reader("train", seed=2000 + i), p.calibration_batches, MICRO_BATCH)
+
+        unpruned = model
+        model, prune_report = structured_prune(model, p.sparsity, list(p.targets), p.importance, calibration)
+        method = f"structured {'+'.join(p.targets)} {p.sparsity:g} ({p.importance})"
+        report = prune_report.summary()
+        if p.recovery_steps:
+            teacher = "distilled from the unpruned model" if p.recovery_distill else "cross-entropy only"
+            log(f"compress: recovery fine-tune, {p.recovery_steps} steps at lr {RECOVERY_LR:g}, {teacher}")
+            fitted = recover(
+                model,
+                unpruned,
+                lambda train=train: train.next_batch(MICRO_BATCH),
+                steps=p.recovery_steps,
+                lr=RECOVERY_LR,
+                use_teacher=p.recovery_distill,
+                log=log,
+            )
+            training = fitted.to_dict()
+            report += (
+                f" | recovery: {p.recovery_steps} steps at lr {RECOVERY_LR:g}, {teacher} "
+                f"({fitted.extra['loss']}), through {fitted.engine.summary()}"
+            )
+        del unpruned
+    else:
+        model, prune_report = magnitude_prune(model, p.sparsity)
+        method = f"magnitude {p.sparsity:g}"
+        report = prune_report.summary()
+        if p.recovery_steps:
+            report += " | recovery skipped: fine-tuning would refill the zeroed weights"
+    save_float(model, tokenizer, directory)
+    return _StepResult(method, report, training)
+
+
+def _distill_step(
+    model: Any, d: Any, train: SampleReader, tokenizer: Any, directory: Path, log: Callable[[str], None]
+) -> _StepResult:
+    """A student distilled from ``model`` (the teacher); saved to ``directory``."""
+    from lmforge.compress.distill import distill, make_student
+
+    student, init = make_student(model, d.student)
+    log(f"compress: {init.summary()}")
+    micro = d.micro_batch_size
+    fitted = distill(
+        model,
+        student,
+        lambda train=train, micro=micro: train.next_batch(micro),
+        steps=d.steps,
+        lr=d.lr,
+        temperature=d.temperature,
+        alpha=d.alpha,
+        log=log,
+    )
+    c = student.config
+    method = f"{c.layers} layers, width {c.width}, T={d.temperature:g}, alpha={d.alpha:g}"
+    report = (
+        f"{init.summary()} | {d.steps} steps, micro-batch {micro}, lr {d.lr:g}, {fitted.extra['loss']}, "
+        f"through {fitted.engine.summary()}"
+    )
+    save_float(student, tokenizer, directory)
+    return _StepResult(method, report, fitted.to_dict())
+
+
+def _quantize_step(model: Any, q: Any, tokenizer: Any, directory: Path) -> _StepResult:
+    """Weight quantization (``q.method``); saved to ``directory``."""
+    from lmforge.compress.quantize import describe, quantize
+
+    model, info = quantize(model, q.method, q.group_size)
+    report = describe(info)
+    save_quantized(model, tokenizer, directory, info)
+    return _StepResult(q.method, report)
 
 
 def _finish(
     records: list[StepRecord], spec: Any, out_dir: Path, output: str, log: Callable[[str], None]
 ) -> CompressionOutcome:
+    """Gate, copy the final model to ``OUTPUT/model``, write and publish the results; raise if the gate failed."""
     batch_sizes = list(spec.evaluation.latency_batch_sizes)
     baseline = records[0].evaluation
     results = [result_row(r, baseline, batch_sizes) for r in records]
     final = records[-1]
-    base_ppl, final_ppl = baseline.perplexity, final.evaluation.perplexity
-    change = (final_ppl / base_ppl - 1) if base_ppl and final_ppl else None
-    base_size, final_size = baseline.size_bytes, final.evaluation.size_bytes
-    ratio = base_size / final_size if base_size and final_size else None
     allowed = spec.evaluation.max_perplexity_increase
-    passed = change is not None and change <= allowed and math.isfinite(final_ppl or math.inf)
-    change_text = f"{100 * change:+.2f}%" if change is not None else "unknown"
-    message = (
-        f"perplexity {base_ppl:.3f} -> {final_ppl:.3f} ({change_text}, allowed +{100 * allowed:g}%); "
-        f"size {ratio:.2f}x smaller"
-        if ratio
-        else f"perplexity change {change_text}"
+    verdict = quality_gate(
+        baseline.perplexity, final.evaluation.perplexity, baseline.size_bytes, final.evaluation.size_bytes, allowed
     )
-    if not passed:
-        message = f"QualityGate: {message}: the compressed model got worse than allowed"
 
-    model_dir = out_dir / "model"
+    model_dir = out_dir / MODEL_DIR
     if model_dir.exists():
         shutil.rmtree(model_dir)
     shutil.copytree(final.model_dir, model_dir)
 
-    table = markdown_table(results, base_ppl, base_size)
-    notes = "\n".join(f"- **{i}: {r.step}**: {r.report}" for i, r in enumerate(records))
-    profile = records[-1].evaluation.profile or {}
-    prof_lines = "\n".join(f"| {k} | {v:.2f} |" for k, v in profile.items() if k != "total")
-    markdown = (
-        f"# Compression results\n\n{table}\n"
-        f"Quality gate: **{'passed' if passed else 'FAILED'}**: {message}.\n\n"
-        f"Decode latency is per generation step at batch 1 (best of eager"
-        f"{' and compiled' if spec.evaluation.compile else ''}); prefill is at batch {max(batch_sizes)}; "
-        f"size is the weight files on disk.\n\n## Steps\n\n{notes}\n\n"
-        f"## Where the final model's time goes (self ms by module type, one prefill + 16 decode steps)\n\n"
-        f"| module | ms |\n| --- | ---: |\n{prof_lines}\n"
-    )
-    document = {
-        "results": [r.model_dump(mode="json", by_alias=True) for r in results],
-        "gate": {
-            "passed": passed,
-            "reason": None if passed else "QualityGate",
-            "max_perplexity_increase": allowed,
-            "perplexity_change": change,
-            "message": message,
-        },
-        "compression_ratio": ratio,
-        "perplexity_change": None if change is None else f"{100 * change:+.1f}%",
-        "steps": [
-            {
-                "step": r.step,
-                "method": r.method,
-                "report": r.report,
-                "seconds": round(r.seconds, 2),
-                "training": r.training,
-                "model": str(r.model_dir),
-                "evaluation": r.evaluation.to_dict(),
-            }
-            for r in records
-        ],
-        "device": torch.cuda.get_device_name(0)
-        if torch.cuda.is_available()
-        else f"cpu ({torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-    }
-    (out_dir / "results.json").write_text(json.dumps(document, indent=2) + "\n")
-    write_termination_message({k: document.get(k) for k in ("results", "compression_ratio", "perplexity_change")})
-    (out_dir / "results.md").write_text(markdown)
-    bar_chart(results, out_dir / "results.png")
-    names = ["results.json", "results.md", "results.png", "model", "steps"]
+    table = markdown_table(results, baseline.perplexity, baseline.size_bytes)
+    markdown = results_markdown(table, records, verdict, compiled=spec.evaluation.compile, batch_sizes=batch_sizes)
+    document = results_document(results, records, verdict, allowed)
+    write_results(out_dir, document, markdown, results)
+    names = [RESULTS_JSON, RESULTS_MD, RESULTS_PNG, MODEL_DIR, STEPS_DIR]
     publish(storage_for(output, spec.s3), out_dir, output, names)
     log(table)
-    log(("quality gate passed: " if passed else "") + message)
+    log(("quality gate passed: " if verdict.passed else "") + verdict.message)
+    layout = CompressionLayout(output)
     outcome = CompressionOutcome(
         records=records,
         results=results,
-        gate_passed=passed,
-        perplexity_change=change,
-        compression_ratio=ratio,
-        model_uri=join_uri(output, "model"),
-        report_uri=join_uri(output, "results.md"),
-        message=message,
+        gate_passed=verdict.passed,
+        perplexity_change=verdict.perplexity_change,
+        compression_ratio=verdict.compression_ratio,
+        model_uri=layout.model,
+        report_uri=layout.report,
+        message=verdict.message,
         files=names,
     )
-    if not passed:
+    if not verdict.passed:
         raise QualityGateFailed(outcome)
     return outcome

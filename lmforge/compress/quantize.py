@@ -47,7 +47,7 @@ def torchao_available() -> bool:
     return importlib.util.find_spec("torchao") is not None
 
 
-def _quiet_torchao() -> None:
+def quiet_torchao() -> None:
     """torchao logs a failed load of each CUDA extension on CPU builds; those are expected here."""
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch._library.custom_ops").setLevel(logging.ERROR)
@@ -63,7 +63,7 @@ def _is_embedding(module: nn.Module, _fqn: str) -> bool:
 
 
 def _torchao_quantize(model: GPT, method: str, group_size: int) -> dict[str, Any]:
-    _quiet_torchao()
+    quiet_torchao()
     import torchao
     from torchao.quantization import (
         Int4WeightOnlyConfig,

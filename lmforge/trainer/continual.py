@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from lmforge.data.mixing import MixedReader
-from lmforge.data.prepared import open_prepared_split
+from lmforge.data.other_job_data import open_prepared_split
 from lmforge.data.reader import SampleReader
 from lmforge.data.storage import Storage, storage_for
 from lmforge.data.tokenizer import tokenizer_hash

@@ -135,7 +135,7 @@ def worker_main(manifest_json: str, threads: int | None, mode: str = "train") ->
     import logging
 
     from lmforge.api.manifest import TrainingJob
-    from lmforge.data.prepared import UnusablePreparedData
+    from lmforge.data.other_job_data import UnusablePreparedData
     from lmforge.trainer.loop import InvalidForThisRun, find_lr, train
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

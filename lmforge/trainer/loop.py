@@ -170,7 +170,7 @@ def _start(manifest: TrainingJob, threads: int | None) -> _Started:
     """Join the world, check it fits the spec, and prepare the data (rank 0 first)."""
     import deepspeed
 
-    from lmforge.data.tokenize import prepare_data
+    from lmforge.data.preparation import prepare_data
 
     spec = manifest.spec
     ctx = WorldContext.from_env(manifest.metadata.name, manifest.metadata.namespace or "default")
@@ -549,7 +549,7 @@ def _export(
 
 def _mix_sources(spec: Any, tokenizer: Any, rank: int, world_size: int) -> list[tuple[str, Any, float]]:
     """``(field, train reader, fraction)`` of each ``data.mix`` entry, checked against this job's tokenizer."""
-    from lmforge.data.prepared import open_prepared_split
+    from lmforge.data.other_job_data import open_prepared_split
     from lmforge.data.storage import storage_for
     from lmforge.data.tokenizer import tokenizer_hash
 

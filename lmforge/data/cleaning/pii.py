@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from lmforge.data.prepare.text import Doc
+from lmforge.data.cleaning.text import Doc
 
 _EMAIL = r"(?P<email>[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,})"
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"

@@ -21,7 +21,7 @@ import hashlib
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from lmforge.data.prepare.text import Doc
+from lmforge.data.cleaning.text import Doc
 
 EXACT = "exact duplicate"
 NEAR = "near duplicate"

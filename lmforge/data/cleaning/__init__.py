@@ -1,8 +1,11 @@
-"""Data preparation run before tokenisation when ``spec.data.prepare`` is set.
+"""Cleaning: the document stages of preparation, run when ``spec.data.prepare`` is set.
+
+Preparation (:mod:`lmforge.data.preparation`) reads the sources (:mod:`lmforge.data.sources`),
+passes the documents through this package, splits them and tokenizes them into shards. The spec
+field keeps its API name, ``data.prepare``; here it means the cleaning settings.
 
 One job per module:
 
-- :mod:`.read`: sources to records; malformed input is skipped and counted, never a crash.
 - :mod:`.text`: the document record and its one-time tokenisation shared by all filters.
 - :mod:`.normalize`: NFKC, whitespace, control characters.
 - :mod:`.annotate`: required fields, allowed labels, length limits, conflicting labels.

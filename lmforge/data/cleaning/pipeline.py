@@ -1,4 +1,4 @@
-"""The preparation pipeline: the enabled stages of ``spec.data.prepare``, in a fixed order.
+"""The cleaning pipeline: the enabled stages of ``spec.data.prepare``, in a fixed order.
 
 Order, and why:
 
@@ -12,7 +12,7 @@ Order, and why:
 7. ``pii``: redaction last, so deduplication and filters see the original text.
 
 The train/validation split and augmentation (training split only) happen after the pipeline, in
-:func:`lmforge.data.tokenize.prepare_data`; the pipeline builds the :class:`~.augment.Augmenter`.
+:func:`lmforge.data.preparation.prepare_data`; the pipeline builds the :class:`~.augment.Augmenter`.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
-from lmforge.data.prepare.normalize import normalize
-from lmforge.data.prepare.report import Report
-from lmforge.data.prepare.text import Doc
+from lmforge.data.cleaning.normalize import normalize
+from lmforge.data.cleaning.report import Report
+from lmforge.data.cleaning.text import Doc
 
 if TYPE_CHECKING:
     from lmforge.api.data import Prepare
-    from lmforge.data.prepare.augment import Augmenter
+    from lmforge.data.cleaning.augment import Augmenter
 
 
 class Stage(Protocol):
@@ -60,7 +60,7 @@ class Pipeline:
         if prepare.normalize:
             self.stages.append(Normalizer())
         if prepare.annotation is not None:
-            from lmforge.data.prepare.annotate import AnnotationRules
+            from lmforge.data.cleaning.annotate import AnnotationRules
 
             ann = prepare.annotation
             self.annotation = AnnotationRules(
@@ -68,26 +68,26 @@ class Pipeline:
             )
             self.stages.append(self.annotation)
         if prepare.exact_dedup:
-            from lmforge.data.prepare.dedup import ExactDedup
+            from lmforge.data.cleaning.dedup import ExactDedup
 
             self.stages.append(ExactDedup())
         if prepare.scripts:
-            from lmforge.data.prepare.script import ScriptFilter
+            from lmforge.data.cleaning.script import ScriptFilter
 
             self.stages.append(ScriptFilter(list(prepare.scripts), prepare.min_script_fraction))
-        from lmforge.data.prepare.quality import QualityFilters
+        from lmforge.data.cleaning.quality import QualityFilters
 
         rules = prepare.quality
         quality = QualityFilters(rules.gopher_quality, rules.gopher_repetition, rules.c4, rules.fineweb)
         if quality.enabled:
             self.stages.append(quality)
         if prepare.near_dedup.enabled:
-            from lmforge.data.prepare.dedup import NearDedup
+            from lmforge.data.cleaning.dedup import NearDedup
 
             near = prepare.near_dedup
             self.stages.append(NearDedup(near.ngram, near.bands, near.rows, near.seed))
         if prepare.pii is not None:
-            from lmforge.data.prepare.pii import PiiRedactor
+            from lmforge.data.cleaning.pii import PiiRedactor
 
             pii = prepare.pii
             self.pii = PiiRedactor(pii.emails, pii.phones, pii.ip_addresses, pii.id_numbers)
@@ -99,7 +99,7 @@ class Pipeline:
         settings = self.prepare.augment
         if settings is None:
             return None
-        from lmforge.data.prepare.augment import Augmenter, parse_synonyms
+        from lmforge.data.cleaning.augment import Augmenter, parse_synonyms
 
         synonyms: dict[str, list[str]] = {}
         if settings.synonym_table is not None and settings.synonym_probability > 0:

@@ -102,7 +102,7 @@ class TextView:
 
 
 class Doc:
-    """One record moving through the pipeline.
+    """One record as reading (:mod:`lmforge.data.sources`) yields it and the cleaning stages see it.
 
     ``fields`` is ``[text]`` (formats text and jsonl) or ``[prompt, response]`` (sft). ``obj`` is
     the parsed JSON object (None for plain text), kept for the annotation rules. Filters look at
@@ -134,7 +134,7 @@ class Doc:
 
     @property
     def key(self) -> str:
-        """The split key (see ``lmforge.data.tokenize.is_validation``)."""
+        """The split key (see ``lmforge.data.preparation.is_validation``)."""
         return self.fields[0] if len(self.fields) == 1 else self.fields[0] + "\x1e" + self.fields[1]
 
     @property

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from lmforge.data.prepare.text import Doc
+from lmforge.data.cleaning.text import Doc
 
 SCRIPT_RANGES: dict[str, str] = {
     "latin": "A-Za-z\u00aa\u00ba\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u0250-\u02af\u1e00-\u1eff"

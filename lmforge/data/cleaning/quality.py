@@ -33,7 +33,7 @@ import re
 
 import numpy as np
 
-from lmforge.data.prepare.text import Doc, TextView
+from lmforge.data.cleaning.text import Doc, TextView
 
 TERMINAL_PUNCTUATION = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？", "」", "』", "…", "؟", "।", "॥", "｡")
 C4_END_PUNCTUATION = (".", "?", "!", '"', "'", "。", "！", "？", "”", "」")

@@ -1,10 +1,22 @@
-"""Reading raw sources into :class:`~.text.Doc` records without ever crashing on bad input.
+"""Reading ``spec.data.sources``, the first part of preparation: files, then documents as :class:`Doc` records.
 
-Why a reader of its own: real corpora contain broken JSON lines, invalid UTF-8, a line of several
-gigabytes, or a ``.gz`` / ``.zst`` upload that was cut short. Each is skipped, counted under a
-reason and shown with an example (through the ``skip(reason, example, source)`` callback), and the
-rest of the file is still used. Storage errors (network, permissions) are not input problems and
-propagate as before.
+:func:`resolve_sources` lists every file a source names (a file/object, or a prefix meaning every
+object under it); :class:`DocumentReader` cuts each into documents by ``data.format`` (``.gz`` and
+``.zst`` are decompressed on the fly):
+
+- ``text``: each file is a stream of lines. A document ends at two or more consecutive blank lines
+  (a section break), or at a paragraph break (one blank line) once it holds
+  ``TEXT_DOCUMENT_TARGET_CHARS`` characters, so books and manuals become section-sized documents
+  rather than one end-of-text token per paragraph. Blocks longer than ``MAX_TEXT_DOCUMENT_CHARS``
+  are cut at a line boundary so that a file without blank lines never has to fit in memory.
+- ``jsonl``: one JSON object per line, the text in ``data.textField``.
+- ``sft``: one JSON object per line with ``data.promptField`` and ``data.responseField``.
+
+Why a reader of its own, that never crashes on bad input: real corpora contain broken JSON lines,
+invalid UTF-8, a line of several gigabytes, or a ``.gz`` / ``.zst`` upload that was cut short. Each
+is skipped, counted under a reason and shown with an example (through the
+``skip(reason, example, source)`` callback), and the rest of the file is still used. Storage errors
+(network, permissions) are not input problems and propagate as before.
 
 - Lines are read as bytes with a length limit (``maxRecordChars``), so a huge record never has to
   fit in memory; it is drained and reported as "record too long".
@@ -27,9 +39,10 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
-from lmforge.data.prepare.text import Doc
+from lmforge.data.cleaning.text import Doc
 
 if TYPE_CHECKING:
+    from lmforge.api.common import S3Settings
     from lmforge.api.data import Data
     from lmforge.data.storage import Storage
 
@@ -42,6 +55,42 @@ TOO_LONG = "record too long"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 Skip = Callable[[str, str, str], None]
+
+
+class Storages:
+    """One storage object per scheme, built with the spec's S3 settings."""
+
+    def __init__(self, factory: Callable[..., Storage], s3: S3Settings | None) -> None:
+        self.factory = factory
+        self.s3 = s3
+        self._by_scheme: dict[str, Storage] = {}
+
+    def __call__(self, uri: str) -> Storage:
+        scheme = uri.split("://", 1)[0]
+        if scheme not in self._by_scheme:
+            self._by_scheme[scheme] = self.factory(uri, self.s3)
+        return self._by_scheme[scheme]
+
+
+def resolve_sources(sources: list[str], storages: Callable[[str], Storage]) -> list[str]:
+    """Every file a source names: the object itself, or all objects under the prefix (sorted).
+
+    Hidden files (a name starting with ``.``) under a prefix are ignored.
+    """
+    files: list[str] = []
+    for source in sources:
+        storage = storages(source)
+        if storage.exists(source):
+            files.append(source)
+            continue
+        found = [uri for uri in storage.list(source) if not uri.rsplit("/", 1)[-1].startswith(".")]
+        if not found:
+            raise FileNotFoundError(
+                f"data source {source} matches no file or object; check data.sources (a file, or a "
+                "prefix/directory holding the files)"
+            )
+        files.extend(found)
+    return files
 
 
 class _ZstdRaw(io.RawIOBase):
@@ -161,7 +210,7 @@ class DocumentReader:
                     self.skip(TRUNCATED, f"{uri}: {exc}", uri)
 
     def _text(self, binary: IO[bytes], uri: str) -> Iterator[Doc]:
-        """Section-sized documents; see :mod:`lmforge.data.tokenize` for the rules."""
+        """Section-sized documents; see the module docstring for the rules."""
         block: list[str] = []
         size = 0
         blank_run = 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from lmforge.data.prepare.text import Doc
+from lmforge.data.cleaning.text import Doc
 
 MAX_CONFLICT_EXAMPLES = 10
 
