@@ -2,9 +2,9 @@
 
 The earlier data is the earlier jobs' *prepared* data (``data.replay.sources``, else
 ``continual.earlierData``): directories holding ``train/`` and ``val/`` split indexes and shards, as
-:func:`lmforge.data.tokenize.prepare_data` writes them. Their ``index.json`` records the hash of
+:func:`lmforge.data.preparation.prepare_data` writes them. Their ``index.json`` records the hash of
 the tokenizer that made them; it must equal this job's, or the token ids mean different things
-(the run stops with exit 78 naming the field and the fix: :mod:`lmforge.data.prepared`).
+(the run stops with exit 78 naming the field and the fix: :mod:`lmforge.data.other_job_data`).
 
 - Replay: the train reader becomes a :class:`lmforge.data.mixing.MixedReader` of the new training
   split (with ``data.mix``, if any) and each replay source's ``train/`` (together ``fraction``, split
