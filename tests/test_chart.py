@@ -414,7 +414,7 @@ def expand(spec: dict[tuple[str, str], str]) -> set[tuple[str, str, str]]:
 # the requests the real operator makes.
 JOB_RULES = expand(
     {
-        ("lmforge.dev", "trainingjobs"): "list watch patch delete",  # Kopf; delete = TTL
+        ("lmforge.dev", "trainingjobs"): "get list watch patch delete",  # Kopf; delete = TTL; get: a CJ's source
         ("lmforge.dev", "compressionjobs"): "list watch patch delete",
         ("lmforge.dev", "trainingjobs/status"): "patch",
         ("lmforge.dev", "compressionjobs/status"): "patch",
@@ -559,6 +559,15 @@ def test_rbac_is_what_the_operator_uses_against_the_emulator(chart: Any) -> None
             kubelet.start(job)
             kubelet.succeed(api.job(ns, "shrink-compress-a0"))
             wait_for(lambda: api.tj(ns, "shrink", "compressionjobs") is None, what="CompressionJob TTL deletion")
+
+            # A CompressionJob of another job's model reads that TrainingJob (here: not there yet).
+            waiting = {**cj, "metadata": {"name": "of-job", "namespace": ns}}
+            waiting["spec"] = {**cj["spec"], "model": {"trainingJob": "not-yet"}}
+            api.create_tj(waiting, kind="compressionjobs")
+            wait_for(
+                lambda: ((api.tj(ns, "of-job", "compressionjobs") or {}).get("status") or {}).get("phase") == "Pending",
+                what="CompressionJob waiting for its TrainingJob",
+            )
         served = cluster.call(lambda c: list(c.served))
 
     used: set[tuple[str, str, str]] = set()

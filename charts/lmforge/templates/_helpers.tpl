@@ -128,6 +128,10 @@ comments). Used by the ClusterRole when every namespace is watched, else by one 
 - apiGroups: ["lmforge.dev"]
   resources: ["trainingjobs", "compressionjobs"]
   verbs: ["list", "watch", "patch", "delete"]
+# A CompressionJob of model.trainingJob reads that TrainingJob (its phase and model URI).
+- apiGroups: ["lmforge.dev"]
+  resources: ["trainingjobs"]
+  verbs: ["get"]
 - apiGroups: ["lmforge.dev"]
   resources: ["trainingjobs/status", "compressionjobs/status"]
   verbs: ["patch"]
