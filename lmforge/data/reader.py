@@ -47,28 +47,13 @@ Batches are int32 (``x`` and ``y`` are views of one ``[B, T + 1]`` array when th
 mask): a quarter of the host memory traffic and host-to-device copy of int64; :func:`lmforge.trainer.device.to_device`
 moves them and widens them to the int64 that embeddings and the loss take, on the device.
 
-Environment (read when a reader is created):
-
-=========================  ===========  ==========================================================
-variable                   default      meaning
-=========================  ===========  ==========================================================
-LMFORGE_PREFETCH_DEPTH     8            blocks fetched ahead of the consumer at most (0: no prefetch)
-LMFORGE_FETCH_THREADS      4            concurrent GETs of the prefetcher
-LMFORGE_CACHE_BYTES        auto         cache size limit per reader (``64G``, ``512M``, bytes). In
-                                        memory: the order's working set (about data.shuffleWindow
-                                        samples plus read-ahead and prefetched blocks, x 1.25); in
-                                        a directory: unbounded, or with a limit each split, rank
-                                        and worker gets its own subdirectory
-LMFORGE_CACHE_DIR          (memory)     keep the cache as files in ``<dir>/lmforge-shards`` instead
-                                        of in memory (unbounded and shared by the processes of a
-                                        machine, e.g. data loader workers, unless limited)
-LMFORGE_RANGE_THRESHOLD    64M          files above this size are fetched in ranges
-LMFORGE_RANGE_BYTES        16M          size of one ranged GET
-LMFORGE_DATA_WORKERS       0            training data loader worker processes per rank (not for a mix)
-LMFORGE_S3_ATTEMPTS        8            attempts per GET before the run fails (exit 75)
-LMFORGE_S3_BACKOFF         0.1          first retry delay bound in seconds (doubles, capped)
-LMFORGE_S3_BACKOFF_CAP     10           largest retry delay bound in seconds
-=========================  ===========  ==========================================================
+Environment (read when a reader is created): the streaming knobs and their table are
+:mod:`lmforge.data.stream_settings` (``LMFORGE_PREFETCH_DEPTH``, ``LMFORGE_FETCH_THREADS``,
+``LMFORGE_CACHE_BYTES``, ``LMFORGE_RANGE_THRESHOLD``, ``LMFORGE_RANGE_BYTES``, ``LMFORGE_DATA_WORKERS``),
+the retries' :mod:`lmforge.data.retry` (``LMFORGE_S3_ATTEMPTS``, ``LMFORGE_S3_BACKOFF``,
+``LMFORGE_S3_BACKOFF_CAP``); ``LMFORGE_CACHE_DIR`` keeps the cache as files in
+``<dir>/lmforge-shards`` instead of in memory (unbounded and shared by the processes of a machine,
+e.g. data loader workers, unless limited).
 """
 
 from __future__ import annotations
@@ -76,14 +61,13 @@ from __future__ import annotations
 import bisect
 import hashlib
 import os
-import re
 import threading
 import time
 import warnings
 import weakref
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +80,6 @@ from lmforge.data.order import DEFAULT_WINDOW, SampleOrder
 from lmforge.data.prefetch import Prefetcher
 from lmforge.data.retry import (
     ContentMismatch,
-    RetryPolicy,
     RetryStats,
     StorageUnavailable,
     VersionMismatch,
@@ -104,21 +87,12 @@ from lmforge.data.retry import (
 )
 from lmforge.data.shards import ShardError, numpy_dtype, read_index
 from lmforge.data.storage import Storage, cache_dir, join_uri, local_path
+from lmforge.data.stream_settings import StreamSettings  # importable from here, as before
 
 IGNORE_INDEX = -100
 _CHUNK_BYTES = 16 << 20  # bytes of int32 batches assembled ahead at most
 BATCH_DTYPE = np.dtype(np.int32)  # of every batch a reader returns (a mixer's too)
 _EDGES_BYTES = 64 << 20  # block edges kept for windows across shards (16,000 shards at contextLength 1024)
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-
-
-def parse_bytes(name: str, raw: str) -> int:
-    """``"64G"``, ``"512MiB"``, ``"1000"`` -> bytes (binary multiples); a clear error names ``name``."""
-    match = _SIZE.match(raw)
-    if not match:
-        raise ValueError(f"{name}={raw!r} is not a size; use bytes or a suffix, e.g. {name}=64G or {name}=512M")
-    unit = (match.group(2) or "b")[0].lower()
-    return int(match.group(1)) * 1024 ** "bkmgt".index(unit)
 
 
 def reader_counters(reader: Any) -> dict[str, float]:
@@ -134,54 +108,6 @@ def reader_counters(reader: Any) -> dict[str, float]:
     totals["samples_read"] = float(getattr(reader, "samples_read", totals["samples_read"]))
     totals["wait_seconds"] = float(getattr(reader, "wait_seconds", totals["wait_seconds"]))
     return totals
-
-
-def _env_int(name: str, default: int, minimum: int) -> int:
-    raw = os.environ.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer; unset it or give e.g. {name}={default}") from None
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r} must be >= {minimum}")
-    return value
-
-
-@dataclass
-class StreamSettings:
-    """Streaming knobs (see the module docstring's table); :meth:`from_env` reads them."""
-
-    prefetch_depth: int = 8
-    fetch_threads: int = 4
-    cache_bytes: int | None = None
-    range_threshold: int = 64 << 20
-    range_bytes: int = 16 << 20
-    workers: int = 0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    read_ahead_samples: int = 4096  # samples assembled per vectorized read (and at most 16 MiB of x, y)
-
-    @classmethod
-    def from_env(cls) -> StreamSettings:
-        def size(name: str, default: int | None) -> int | None:
-            raw = os.environ.get(name, "")
-            if raw == "":
-                return default
-            value = parse_bytes(name, raw)
-            if value < 1:
-                raise ValueError(f"{name}={raw!r} must be at least 1 byte")
-            return value
-
-        return cls(
-            prefetch_depth=_env_int("LMFORGE_PREFETCH_DEPTH", cls.prefetch_depth, 0),
-            fetch_threads=_env_int("LMFORGE_FETCH_THREADS", cls.fetch_threads, 1),
-            cache_bytes=size("LMFORGE_CACHE_BYTES", None),
-            range_threshold=size("LMFORGE_RANGE_THRESHOLD", cls.range_threshold) or cls.range_threshold,
-            range_bytes=size("LMFORGE_RANGE_BYTES", cls.range_bytes) or cls.range_bytes,
-            workers=_env_int("LMFORGE_DATA_WORKERS", cls.workers, 0),
-            retry=RetryPolicy.from_env(),
-        )
 
 
 @dataclass

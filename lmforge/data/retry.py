@@ -14,8 +14,16 @@ access, a bad request: those are raised at once. After ``attempts`` failures a
 and the last error.
 
 Delay before retry ``n`` (1-based): ``uniform(0, min(cap, base * 2**(n-1)))`` ("full jitter").
-Defaults: 8 attempts, base 0.1 s, cap 10 s; ``LMFORGE_S3_ATTEMPTS``, ``LMFORGE_S3_BACKOFF`` (base) and
-``LMFORGE_S3_BACKOFF_CAP`` override them.
+
+Environment (:meth:`RetryPolicy.from_env`, read when a reader is created):
+
+=========================  ===========  ==========================================================
+variable                   default      meaning
+=========================  ===========  ==========================================================
+LMFORGE_S3_ATTEMPTS        8            attempts per GET before the run fails (exit 75)
+LMFORGE_S3_BACKOFF         0.1          first retry delay bound in seconds (doubles, capped): base
+LMFORGE_S3_BACKOFF_CAP     10           largest retry delay bound in seconds: cap
+=========================  ===========  ==========================================================
 """
 
 from __future__ import annotations
