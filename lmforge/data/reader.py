@@ -66,7 +66,6 @@ import time
 import warnings
 import weakref
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +76,7 @@ import torch
 from lmforge.data.allocator import reuse_freed_buffers
 from lmforge.data.cache import BlockCache
 from lmforge.data.order import DEFAULT_WINDOW, SampleOrder
-from lmforge.data.prefetch import Prefetcher
+from lmforge.data.prefetch import BlockLayout, Prefetcher, plan_blocks
 from lmforge.data.retry import (
     ContentMismatch,
     RetryStats,
@@ -108,66 +107,6 @@ def reader_counters(reader: Any) -> dict[str, float]:
     totals["samples_read"] = float(getattr(reader, "samples_read", totals["samples_read"]))
     totals["wait_seconds"] = float(getattr(reader, "wait_seconds", totals["wait_seconds"]))
     return totals
-
-
-@dataclass
-class _Layout:
-    """Where every sample's bytes live: per shard, its token and mask files' first block and block size.
-
-    Plain arrays (no reference to the reader), so the prefetch plan can outlive nothing it should not.
-    """
-
-    starts: np.ndarray  # first token of each shard in the stream
-    token_block: np.ndarray  # first block id of each shard's token file
-    token_block_size: np.ndarray  # bytes per block of that file
-    mask_block: np.ndarray  # first block id of each shard's mask file, -1 without a mask
-    mask_block_size: np.ndarray
-    itemsize: int
-    context_length: int
-    num_samples: int
-    order: SampleOrder
-
-    def blocks(self, samples: np.ndarray) -> list[np.ndarray]:
-        """Block ids (one array per kind) holding the first token of each sample. The tail of a window
-        that crosses into another shard is not planned: that shard's turn in the order may be far off,
-        so the reader fetches just those bytes (:meth:`SampleReader._file_bytes`)."""
-        out = []
-        token = samples * self.context_length
-        shard = np.searchsorted(self.starts, token, side="right") - 1
-        offset = token - self.starts[shard]
-        out.append(self.token_block[shard] + (offset * self.itemsize) // self.token_block_size[shard])
-        has_mask = self.mask_block[shard] >= 0
-        if has_mask.any():
-            mask = self.mask_block[shard] + offset // self.mask_block_size[shard]
-            out.append(np.where(has_mask, mask, -1))
-        return out
-
-
-def plan_blocks(
-    layout: _Layout, start: int, batch: int, rank: int, world: int, stride: int
-) -> Iterator[tuple[int, int]]:
-    """``(position, block id)`` in the order the consumer at ``start`` needs them, forever.
-
-    The consumer's ``k``-th next batch covers positions ``start + k*stride*world*batch + rank*batch``
-    plus ``[0, batch)``.
-    """
-    step = stride * world * batch
-    chunk = max(1, 4096 // batch)
-    k = 0
-    while True:
-        base = start + (k + np.arange(chunk, dtype=np.int64)) * step + rank * batch
-        positions = (base[:, None] + np.arange(batch, dtype=np.int64)[None, :]).reshape(-1)
-        k += chunk
-        samples = layout.order.samples(positions)
-        # Each block once per chunk, at the first position that needs it (so the walk costs per block,
-        # not per sample). Every chunk yields at least one entry, even when it needs only blocks seen
-        # before: a generator that stayed silent would spin forever on a split of one block.
-        blocks = np.stack(layout.blocks(samples), axis=1).reshape(-1)
-        owners = np.repeat(positions, blocks.shape[0] // positions.shape[0])
-        unique, first = np.unique(blocks, return_index=True)
-        keep = unique >= 0
-        order = np.argsort(first[keep], kind="stable")
-        yield from zip(owners[first[keep][order]].tolist(), unique[keep][order].tolist(), strict=True)
 
 
 @dataclass
@@ -776,11 +715,11 @@ class SampleReader:
             x[j], y[j] = self._sample(int(samples[j]))
         return x, y
 
-    def _layout(self) -> _Layout:
+    def _layout(self) -> BlockLayout:
         masks = self._shard_mask_file
         has_mask = masks >= 0
         mask_files = np.where(has_mask, masks, 0)  # any valid index where there is no mask; masked out below
-        return _Layout(
+        return BlockLayout(
             starts=self._shard_starts,
             token_block=self._file_first_block[self._shard_token_file],
             token_block_size=self._file_block_size[self._shard_token_file],
