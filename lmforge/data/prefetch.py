@@ -3,9 +3,9 @@
 The reader hands the :class:`Prefetcher` a *plan*: an iterator of ``(global position, block id)``
 in the order the consumer will need them (:func:`plan_blocks`: the block of each upcoming sample's
 first token, found in the split's :class:`BlockLayout`). The prefetcher fetches through a
-:class:`BlockSource` (the reader). A coordinator thread walks the plan and submits each block that
-is neither cached nor already on its way to a small pool of fetch threads, keeping at most
-``depth`` blocks fetched-or-in-flight and not
+:class:`BlockSource`, the split's block store (:class:`lmforge.data.blocks.BlockStore`). A
+coordinator thread walks the plan and submits each block that is neither cached nor already on its
+way to a small pool of fetch threads, keeping at most ``depth`` blocks fetched-or-in-flight and not
 yet consumed (the *queue*: :attr:`Prefetcher.depth` is its current length, exported as a metric).
 It stays at most ``horizon`` positions ahead of the consumer, so a fully cached data set costs no
 busy walking, and it waits for room in a bounded cache instead of evicting what the consumer still
@@ -33,7 +33,8 @@ from lmforge.data.order import SampleOrder
 class BlockLayout:
     """Where every sample's bytes live: per shard, its token and mask files' first block and block size.
 
-    Plain arrays (no reference to the reader), so the prefetch plan can outlive nothing it should not.
+    Plain arrays (no reference to the reader or its block store), so the prefetch plan can outlive
+    nothing it should not.
     """
 
     starts: np.ndarray  # first token of each shard in the stream
@@ -49,7 +50,7 @@ class BlockLayout:
     def blocks(self, samples: np.ndarray) -> list[np.ndarray]:
         """Block ids (one array per kind) holding the first token of each sample. The tail of a window
         that crosses into another shard is not planned: that shard's turn in the order may be far off,
-        so the reader fetches just those bytes (:meth:`lmforge.data.reader.SampleReader._file_bytes`)."""
+        so the block store fetches just those bytes (:meth:`lmforge.data.blocks.BlockStore.file_bytes`)."""
         out = []
         token = samples * self.context_length
         shard = np.searchsorted(self.starts, token, side="right") - 1
@@ -90,7 +91,7 @@ def plan_blocks(
 
 
 class BlockSource(Protocol):
-    """What the prefetcher needs from the reader, per block id."""
+    """What the prefetcher needs from the block store, per block id."""
 
     def fetch_block(self, block: int) -> None: ...
 
@@ -261,7 +262,7 @@ class Prefetcher:
     def _run(self) -> None:
         try:
             self._loop()
-        except ReferenceError:  # the reader was garbage-collected: nothing left to prefetch for
+        except ReferenceError:  # the block store (its reader) was garbage-collected: nothing left to prefetch for
             self.stop()
 
     def _loop(self) -> None:

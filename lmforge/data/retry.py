@@ -2,9 +2,9 @@
 
 Why our own loop and not botocore's: botocore retries the request, but not a body that breaks off
 mid-stream or arrives short (a dropped connection after the headers), and it does not tell us how
-often it retried. The streaming reader fetches with botocore's retries off
-(:meth:`lmforge.data.storage.S3Storage.fetch`) and wraps each fetch in :func:`call_with_retries`,
-which counts every failed attempt and every retry in a :class:`RetryStats`.
+often it retried. The streaming reader's block store (:mod:`lmforge.data.blocks`) fetches with
+botocore's retries off (:meth:`lmforge.data.storage.S3Storage.fetch`) and wraps each fetch in
+:func:`call_with_retries`, which counts every failed attempt and every retry in a :class:`RetryStats`.
 
 Retryable: HTTP 5xx and throttling (``SlowDown``, ``Throttling``, ``RequestTimeout``, 429, ...),
 connection errors (refused, reset, dropped, timed out), short or broken bodies and content that does
