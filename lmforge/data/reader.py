@@ -58,28 +58,18 @@ from lmforge.data.blocks import BlockStore
 from lmforge.data.cache import BlockCache
 from lmforge.data.order import DEFAULT_WINDOW, SampleOrder
 from lmforge.data.prefetch import Prefetcher, plan_blocks
+from lmforge.data.reader_protocol import BATCH_DTYPE, Reader  # BATCH_DTYPE: importable from here, as before
 from lmforge.data.shards import numpy_dtype, read_index
 from lmforge.data.storage import Storage
 from lmforge.data.stream_settings import StreamSettings  # importable from here, as before
 
 IGNORE_INDEX = -100
 _CHUNK_BYTES = 16 << 20  # bytes of int32 batches assembled ahead at most
-BATCH_DTYPE = np.dtype(np.int32)  # of every batch a reader returns (a mixer's too)
 
 
-def reader_counters(reader: Any) -> dict[str, float]:
-    """Cumulative data counters of any reader: its ``counters()``, else (a mixer over several readers)
-    the sum over its ``readers`` with its own ``samples_read`` and ``wait_seconds``."""
-    if hasattr(reader, "counters"):
-        return dict(reader.counters())
-    totals = {"samples_read": 0.0, "bytes_read": 0.0, "wait_seconds": 0.0, "s3_errors": 0.0, "s3_retries": 0.0}
-    totals["prefetch_depth"] = 0.0
-    for source in getattr(reader, "readers", []):
-        for key, value in reader_counters(source).items():
-            totals[key] += value
-    totals["samples_read"] = float(getattr(reader, "samples_read", totals["samples_read"]))
-    totals["wait_seconds"] = float(getattr(reader, "wait_seconds", totals["wait_seconds"]))
-    return totals
+def reader_counters(reader: Reader) -> dict[str, float]:
+    """Cumulative data counters of any reader (a copy of its :meth:`~lmforge.data.reader_protocol.Reader.counters`)."""
+    return dict(reader.counters())
 
 
 class SampleReader:
