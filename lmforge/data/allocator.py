@@ -7,10 +7,10 @@ here), a quarter of what the whole download costs the client. Raising glibc's mm
 the block size (and its trim threshold above that) lets freed blocks be reused from the heap,
 already mapped. This is the same allocator tuning PyTorch recommends for CPU training.
 
-It is process-wide and set once, by the first reader of remote data. It is skipped where the
-allocator is not glibc's, and where the user has chosen for themselves (``MALLOC_MMAP_THRESHOLD_``
-or ``MALLOC_TRIM_THRESHOLD_`` in the environment). The price: freed memory stays with the process
-(up to the trim threshold) instead of going back to the kernel at once.
+It is process-wide and set once, by the block store of the first reader of remote data. It is
+skipped where the allocator is not glibc's, and where the user has chosen for themselves
+(``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` in the environment). The price: freed
+memory stays with the process (up to the trim threshold) instead of going back to the kernel at once.
 """
 
 from __future__ import annotations

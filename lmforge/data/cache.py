@@ -1,19 +1,19 @@
 """The local cache of fetched shard blocks: in memory, or a directory; bounded in bytes with LRU eviction.
 
-In memory (``root=None``, the reader's default): an entry is the fetched bytes themselves, read in
-place (no copy, no file write, no page faults), so streaming costs what the GET costs; it is always
+In memory (``root=None``, the block store's default): an entry is the fetched bytes themselves, read
+in place (no copy, no file write, no page faults), so streaming costs what the GET costs; it is always
 bounded. In a directory (``LMFORGE_CACHE_DIR``): entries are files named by the caller
 (content-addressed: the shard's sha256 plus the byte range), written atomically (temporary file,
 then rename), so a crash never leaves a half-written entry and processes may share an unbounded
 cache.
 
 With ``limit`` bytes: before an entry is added, the least recently used entries are dropped until
-the new one fits. A *pinned* entry (a block the reader is copying from, or one prefetched and not
+the new one fits. A *pinned* entry (a block the store is copying from, or one prefetched and not
 yet consumed) is never evicted; :meth:`room_for` lets the prefetcher wait for room instead of
 overshooting, so the cache stays within ``limit`` plus the block(s) the consumer holds while it
 reads. Accounting is in memory (files present at start are counted, oldest first): a bounded cache
-directory must belong to one process, which is why the reader gives each rank and data worker its
-own subdirectory when a limit is set.
+directory must belong to one process, which is why the block store (:mod:`lmforge.data.blocks`) gives
+each rank and data worker its own subdirectory when a limit is set.
 """
 
 from __future__ import annotations

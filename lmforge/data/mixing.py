@@ -15,7 +15,7 @@ few samples of ``weight x N`` at every ``N`` (not just on average).
 
 Per-source order: the mixed stream keeps one position per source, ``q_k`` = how many of the
 positions before ``p`` went to source ``k``. The ``j``-th sample drawn from source ``k`` is that
-source reader's sample at its own global position ``j`` (:meth:`SampleReader.sample_index`), so
+source reader's sample at its own global position ``j`` (its ``sample_index(j)``), so
 each source keeps its own epoch permutation: no repeats within a source's epoch, whatever the mix.
 
 State: ``{"position": p, "source_positions": [q_0, ...], ...}``. ``next_batch(B)`` on every rank
@@ -23,8 +23,11 @@ walks the ``world_size x B`` positions of the step (rank ``r`` keeps ``[r*B, (r+
 and advances every ``q_k``, so all ranks hold the same state and a checkpoint resumes exactly, also
 with a different world size.
 
-Only the public API of :class:`lmforge.data.reader.SampleReader` is used (``samples_at``, ``sample_index``,
-``sample``, ``num_samples``, ``position``, ``state_dict``, ``load_state_dict``, ``close``).
+A source is any :class:`~lmforge.data.reader_protocol.SampleSource` (a
+:class:`lmforge.data.reader.SampleReader`, or a :class:`lmforge.data.workers.WorkerReader`, which
+reads these samples in this process), and only that protocol is used (``samples_at``,
+``sample_index``, ``sample``, ``num_samples``, ``position``, ``state_dict``, ``load_state_dict``,
+``counters``, ``close``). The mixer is a :class:`~lmforge.data.reader_protocol.Reader` itself.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.data.reader import BATCH_DTYPE, SampleReader
+from lmforge.data.reader_protocol import BATCH_DTYPE, Reader, SampleSource
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -80,7 +83,8 @@ class _Chunk:
 
 
 class MixedReader:
-    """Batches ``(x, y)`` drawn from several :class:`SampleReader` streams by weight (see the module docstring).
+    """Batches ``(x, y)`` drawn from several :class:`~lmforge.data.reader_protocol.SampleSource` streams by
+    weight (see the module docstring).
 
     ``readers`` are the sources (their own rank/world settings are not used: the mixer slices the
     step for this ``rank``); ``weights`` are positive and normalised here. ``names`` label the
@@ -89,7 +93,7 @@ class MixedReader:
 
     def __init__(
         self,
-        readers: Sequence[SampleReader],
+        readers: Sequence[SampleSource],
         weights: Sequence[float],
         *,
         rank: int = 0,
@@ -160,6 +164,18 @@ class MixedReader:
     def bytes_read(self) -> int:
         return sum(int(getattr(r, "bytes_read", 0)) for r in self.readers)
 
+    def counters(self) -> dict[str, float]:
+        """Cumulative data counters: the sources' summed (bytes, S3 errors and retries, prefetch depth),
+        with this mixer's own ``samples_read`` and ``wait_seconds``."""
+        totals = {"samples_read": 0.0, "bytes_read": 0.0, "wait_seconds": 0.0, "s3_errors": 0.0, "s3_retries": 0.0}
+        totals["prefetch_depth"] = 0.0
+        for source in self.readers:
+            for key, value in source.counters().items():
+                totals[key] += value
+        totals["samples_read"] = float(self.samples_read)
+        totals["wait_seconds"] = float(self.wait_seconds)
+        return totals
+
     def counts(self) -> dict[str, Any]:
         """Samples per source: consumed by the whole world (``global``) and read by this rank."""
         total = max(1, self.position)
@@ -188,7 +204,7 @@ class MixedReader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved mix (any world size).
 
-        A plain :class:`SampleReader` state (the run read only the first source until now)
+        A plain :class:`~lmforge.data.reader.SampleReader` state (the run read only the first source until now)
         continues the first source at its position and starts the others at 0.
         """
         position = int(state["position"])
@@ -292,14 +308,14 @@ class MixedReader:
 
 
 def mix_by_fraction(
-    own: SampleReader,
-    extras: Sequence[tuple[str, SampleReader, float]],
+    own: SampleSource,
+    extras: Sequence[tuple[str, SampleSource, float]],
     *,
     own_name: str,
     rank: int,
     world_size: int,
     seed: int,
-) -> SampleReader | MixedReader:
+) -> Reader:
     """``own`` alone, or mixed with ``(name, reader, fraction)`` sources; ``own`` gets ``1 - sum(fractions)``."""
     if not extras:
         return own

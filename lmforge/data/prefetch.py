@@ -1,7 +1,9 @@
 """Background prefetch: fetch the blocks that the upcoming sample positions need, ahead of the consumer.
 
 The reader hands the :class:`Prefetcher` a *plan*: an iterator of ``(global position, block id)``
-in the order the consumer will need them (see :meth:`lmforge.data.reader.SampleReader._plan`). A
+in the order the consumer will need them (:func:`plan_blocks`: the block of each upcoming sample's
+first token, found in the split's :class:`BlockLayout`). The prefetcher fetches through a
+:class:`BlockSource`, the split's block store (:class:`lmforge.data.blocks.BlockStore`). A
 coordinator thread walks the plan and submits each block that is neither cached nor already on its
 way to a small pool of fetch threads, keeping at most ``depth`` blocks fetched-or-in-flight and not
 yet consumed (the *queue*: :attr:`Prefetcher.depth` is its current length, exported as a metric).
@@ -19,11 +21,77 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
+
+import numpy as np
+
+from lmforge.data.order import SampleOrder
+
+
+@dataclass
+class BlockLayout:
+    """Where every sample's bytes live: per shard, its token and mask files' first block and block size.
+
+    Plain arrays (no reference to the reader or its block store), so the prefetch plan can outlive
+    nothing it should not.
+    """
+
+    starts: np.ndarray  # first token of each shard in the stream
+    token_block: np.ndarray  # first block id of each shard's token file
+    token_block_size: np.ndarray  # bytes per block of that file
+    mask_block: np.ndarray  # first block id of each shard's mask file, -1 without a mask
+    mask_block_size: np.ndarray
+    itemsize: int
+    context_length: int
+    num_samples: int
+    order: SampleOrder
+
+    def blocks(self, samples: np.ndarray) -> list[np.ndarray]:
+        """Block ids (one array per kind) holding the first token of each sample. The tail of a window
+        that crosses into another shard is not planned: that shard's turn in the order may be far off,
+        so the block store fetches just those bytes (:meth:`lmforge.data.blocks.BlockStore.file_bytes`)."""
+        out = []
+        token = samples * self.context_length
+        shard = np.searchsorted(self.starts, token, side="right") - 1
+        offset = token - self.starts[shard]
+        out.append(self.token_block[shard] + (offset * self.itemsize) // self.token_block_size[shard])
+        has_mask = self.mask_block[shard] >= 0
+        if has_mask.any():
+            mask = self.mask_block[shard] + offset // self.mask_block_size[shard]
+            out.append(np.where(has_mask, mask, -1))
+        return out
+
+
+def plan_blocks(
+    layout: BlockLayout, start: int, batch: int, rank: int, world: int, stride: int
+) -> Iterator[tuple[int, int]]:
+    """``(position, block id)`` in the order the consumer at ``start`` needs them, forever.
+
+    The consumer's ``k``-th next batch covers positions ``start + k*stride*world*batch + rank*batch``
+    plus ``[0, batch)``.
+    """
+    step = stride * world * batch
+    chunk = max(1, 4096 // batch)
+    k = 0
+    while True:
+        base = start + (k + np.arange(chunk, dtype=np.int64)) * step + rank * batch
+        positions = (base[:, None] + np.arange(batch, dtype=np.int64)[None, :]).reshape(-1)
+        k += chunk
+        samples = layout.order.samples(positions)
+        # Each block once per chunk, at the first position that needs it (so the walk costs per block,
+        # not per sample). Every chunk yields at least one entry, even when it needs only blocks seen
+        # before: a generator that stayed silent would spin forever on a split of one block.
+        blocks = np.stack(layout.blocks(samples), axis=1).reshape(-1)
+        owners = np.repeat(positions, blocks.shape[0] // positions.shape[0])
+        unique, first = np.unique(blocks, return_index=True)
+        keep = unique >= 0
+        order = np.argsort(first[keep], kind="stable")
+        yield from zip(owners[first[keep][order]].tolist(), unique[keep][order].tolist(), strict=True)
 
 
 class BlockSource(Protocol):
-    """What the prefetcher needs from the reader, per block id."""
+    """What the prefetcher needs from the block store, per block id."""
 
     def fetch_block(self, block: int) -> None: ...
 
@@ -194,7 +262,7 @@ class Prefetcher:
     def _run(self) -> None:
         try:
             self._loop()
-        except ReferenceError:  # the reader was garbage-collected: nothing left to prefetch for
+        except ReferenceError:  # the block store (its reader) was garbage-collected: nothing left to prefetch for
             self.stop()
 
     def _loop(self) -> None:

@@ -23,237 +23,53 @@ Data loader workers (``worker``/``num_workers``, used by :mod:`lmforge.data.work
 ``B`` positions of one ``world_size * B`` step), so the workers' batches, taken round-robin, are
 exactly the batches of one reader without workers.
 
-Storage: ``file://`` shards are memory-mapped in place. ``s3://`` shards are fetched in *blocks*
-into a local cache: a shard file of at most ``LMFORGE_RANGE_THRESHOLD`` bytes (default 64 MiB, i.e.
-every shard of the default 2**24-token uint16 or uint32 format) is one block, fetched with one
-whole-object GET; a bigger file is fetched as ranged GETs of ``LMFORGE_RANGE_BYTES`` (default 16
-MiB). Every GET names the ETag that ``index.json`` recorded (``If-Match``), so the store refuses a
-shard rewritten since; without a recorded ETag (older indexes) or when the store's differs (data
-copied to another store), a whole file is checked against the index's crc32 (sha256 for older
-indexes), and every read by its length. The cache is in memory by default (the fetched bytes are
-read in place), bounded to what the order needs at once (:meth:`SampleReader.working_set_bytes`);
-with ``LMFORGE_CACHE_DIR`` it is files there, content-addressed (sha256 + range) and memory-mapped.
-A background :class:`~lmforge.data.prefetch.Prefetcher` fetches the blocks the rank's upcoming
-positions need (the block of each sample's first token) before the consumer asks; a window that
-crosses into the next shard reads that shard's first bytes, which the fetch thread GETs on its own
-(a few hundred bytes) right after the shard before it, and the reader keeps the edges of every
-block it fetched, so a later epoch needs no such GET. Failed fetches are retried with backoff
-(:mod:`lmforge.data.retry`). Freed blocks are reused from the heap (:mod:`lmforge.data.allocator`).
-``next_batch`` assembles the rank's next batches in one vectorized read
-(``StreamSettings.read_ahead_samples``, default 4096 samples, at most 16 MiB), so small batches do
-not pay numpy's per-call overhead each time.
+Bytes: the reader owns a :class:`~lmforge.data.blocks.BlockStore`, which holds the split's shard and
+file tables and reads their bytes (``file://`` memory-mapped in place, ``s3://`` fetched in verified
+blocks into a bounded cache: :mod:`lmforge.data.blocks`). For ``s3://`` the reader runs a background
+:class:`~lmforge.data.prefetch.Prefetcher` over the store, with a plan (:func:`~lmforge.data.prefetch.plan_blocks`)
+of the blocks the rank's upcoming positions need, from its position on. ``next_batch`` assembles the
+rank's next batches in one vectorized read (``StreamSettings.read_ahead_samples``, default 4096
+samples, at most 16 MiB), so small batches do not pay numpy's per-call overhead each time.
 
 Batches are int32 (``x`` and ``y`` are views of one ``[B, T + 1]`` array when the split has no loss
 mask): a quarter of the host memory traffic and host-to-device copy of int64; :func:`lmforge.trainer.device.to_device`
 moves them and widens them to the int64 that embeddings and the loss take, on the device.
 
-Environment (read when a reader is created):
-
-=========================  ===========  ==========================================================
-variable                   default      meaning
-=========================  ===========  ==========================================================
-LMFORGE_PREFETCH_DEPTH     8            blocks fetched ahead of the consumer at most (0: no prefetch)
-LMFORGE_FETCH_THREADS      4            concurrent GETs of the prefetcher
-LMFORGE_CACHE_BYTES        auto         cache size limit per reader (``64G``, ``512M``, bytes). In
-                                        memory: the order's working set (about data.shuffleWindow
-                                        samples plus read-ahead and prefetched blocks, x 1.25); in
-                                        a directory: unbounded, or with a limit each split, rank
-                                        and worker gets its own subdirectory
-LMFORGE_CACHE_DIR          (memory)     keep the cache as files in ``<dir>/lmforge-shards`` instead
-                                        of in memory (unbounded and shared by the processes of a
-                                        machine, e.g. data loader workers, unless limited)
-LMFORGE_RANGE_THRESHOLD    64M          files above this size are fetched in ranges
-LMFORGE_RANGE_BYTES        16M          size of one ranged GET
-LMFORGE_DATA_WORKERS       0            training data loader worker processes per rank (not for a mix)
-LMFORGE_S3_ATTEMPTS        8            attempts per GET before the run fails (exit 75)
-LMFORGE_S3_BACKOFF         0.1          first retry delay bound in seconds (doubles, capped)
-LMFORGE_S3_BACKOFF_CAP     10           largest retry delay bound in seconds
-=========================  ===========  ==========================================================
+Environment (read when a reader is created): the streaming knobs and their table are
+:mod:`lmforge.data.stream_settings` (``LMFORGE_PREFETCH_DEPTH``, ``LMFORGE_FETCH_THREADS``,
+``LMFORGE_CACHE_BYTES``, ``LMFORGE_RANGE_THRESHOLD``, ``LMFORGE_RANGE_BYTES``, ``LMFORGE_DATA_WORKERS``),
+the retries' :mod:`lmforge.data.retry` (``LMFORGE_S3_ATTEMPTS``, ``LMFORGE_S3_BACKOFF``,
+``LMFORGE_S3_BACKOFF_CAP``), the cache directory's :mod:`lmforge.data.blocks` (``LMFORGE_CACHE_DIR``).
 """
 
 from __future__ import annotations
 
 import bisect
-import hashlib
-import os
-import re
-import threading
 import time
 import warnings
 import weakref
-import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lmforge.data.allocator import reuse_freed_buffers
+from lmforge.data.blocks import BlockStore
 from lmforge.data.cache import BlockCache
 from lmforge.data.order import DEFAULT_WINDOW, SampleOrder
-from lmforge.data.prefetch import Prefetcher
-from lmforge.data.retry import (
-    ContentMismatch,
-    RetryPolicy,
-    RetryStats,
-    StorageUnavailable,
-    VersionMismatch,
-    call_with_retries,
-)
-from lmforge.data.shards import ShardError, numpy_dtype, read_index
-from lmforge.data.storage import Storage, cache_dir, join_uri, local_path
+from lmforge.data.prefetch import Prefetcher, plan_blocks
+from lmforge.data.reader_protocol import BATCH_DTYPE, Reader  # BATCH_DTYPE: importable from here, as before
+from lmforge.data.shards import numpy_dtype, read_index
+from lmforge.data.storage import Storage
+from lmforge.data.stream_settings import StreamSettings  # importable from here, as before
 
 IGNORE_INDEX = -100
 _CHUNK_BYTES = 16 << 20  # bytes of int32 batches assembled ahead at most
-BATCH_DTYPE = np.dtype(np.int32)  # of every batch a reader returns (a mixer's too)
-_EDGES_BYTES = 64 << 20  # block edges kept for windows across shards (16,000 shards at contextLength 1024)
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
 
-def parse_bytes(name: str, raw: str) -> int:
-    """``"64G"``, ``"512MiB"``, ``"1000"`` -> bytes (binary multiples); a clear error names ``name``."""
-    match = _SIZE.match(raw)
-    if not match:
-        raise ValueError(f"{name}={raw!r} is not a size; use bytes or a suffix, e.g. {name}=64G or {name}=512M")
-    unit = (match.group(2) or "b")[0].lower()
-    return int(match.group(1)) * 1024 ** "bkmgt".index(unit)
-
-
-def reader_counters(reader: Any) -> dict[str, float]:
-    """Cumulative data counters of any reader: its ``counters()``, else (a mixer over several readers)
-    the sum over its ``readers`` with its own ``samples_read`` and ``wait_seconds``."""
-    if hasattr(reader, "counters"):
-        return dict(reader.counters())
-    totals = {"samples_read": 0.0, "bytes_read": 0.0, "wait_seconds": 0.0, "s3_errors": 0.0, "s3_retries": 0.0}
-    totals["prefetch_depth"] = 0.0
-    for source in getattr(reader, "readers", []):
-        for key, value in reader_counters(source).items():
-            totals[key] += value
-    totals["samples_read"] = float(getattr(reader, "samples_read", totals["samples_read"]))
-    totals["wait_seconds"] = float(getattr(reader, "wait_seconds", totals["wait_seconds"]))
-    return totals
-
-
-def _env_int(name: str, default: int, minimum: int) -> int:
-    raw = os.environ.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer; unset it or give e.g. {name}={default}") from None
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r} must be >= {minimum}")
-    return value
-
-
-@dataclass
-class StreamSettings:
-    """Streaming knobs (see the module docstring's table); :meth:`from_env` reads them."""
-
-    prefetch_depth: int = 8
-    fetch_threads: int = 4
-    cache_bytes: int | None = None
-    range_threshold: int = 64 << 20
-    range_bytes: int = 16 << 20
-    workers: int = 0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    read_ahead_samples: int = 4096  # samples assembled per vectorized read (and at most 16 MiB of x, y)
-
-    @classmethod
-    def from_env(cls) -> StreamSettings:
-        def size(name: str, default: int | None) -> int | None:
-            raw = os.environ.get(name, "")
-            if raw == "":
-                return default
-            value = parse_bytes(name, raw)
-            if value < 1:
-                raise ValueError(f"{name}={raw!r} must be at least 1 byte")
-            return value
-
-        return cls(
-            prefetch_depth=_env_int("LMFORGE_PREFETCH_DEPTH", cls.prefetch_depth, 0),
-            fetch_threads=_env_int("LMFORGE_FETCH_THREADS", cls.fetch_threads, 1),
-            cache_bytes=size("LMFORGE_CACHE_BYTES", None),
-            range_threshold=size("LMFORGE_RANGE_THRESHOLD", cls.range_threshold) or cls.range_threshold,
-            range_bytes=size("LMFORGE_RANGE_BYTES", cls.range_bytes) or cls.range_bytes,
-            workers=_env_int("LMFORGE_DATA_WORKERS", cls.workers, 0),
-            retry=RetryPolicy.from_env(),
-        )
-
-
-@dataclass
-class _Layout:
-    """Where every sample's bytes live: per shard, its token and mask files' first block and block size.
-
-    Plain arrays (no reference to the reader), so the prefetch plan can outlive nothing it should not.
-    """
-
-    starts: np.ndarray  # first token of each shard in the stream
-    token_block: np.ndarray  # first block id of each shard's token file
-    token_block_size: np.ndarray  # bytes per block of that file
-    mask_block: np.ndarray  # first block id of each shard's mask file, -1 without a mask
-    mask_block_size: np.ndarray
-    itemsize: int
-    context_length: int
-    num_samples: int
-    order: SampleOrder
-
-    def blocks(self, samples: np.ndarray) -> list[np.ndarray]:
-        """Block ids (one array per kind) holding the first token of each sample. The tail of a window
-        that crosses into another shard is not planned: that shard's turn in the order may be far off,
-        so the reader fetches just those bytes (:meth:`SampleReader._file_bytes`)."""
-        out = []
-        token = samples * self.context_length
-        shard = np.searchsorted(self.starts, token, side="right") - 1
-        offset = token - self.starts[shard]
-        out.append(self.token_block[shard] + (offset * self.itemsize) // self.token_block_size[shard])
-        has_mask = self.mask_block[shard] >= 0
-        if has_mask.any():
-            mask = self.mask_block[shard] + offset // self.mask_block_size[shard]
-            out.append(np.where(has_mask, mask, -1))
-        return out
-
-
-def plan_blocks(
-    layout: _Layout, start: int, batch: int, rank: int, world: int, stride: int
-) -> Iterator[tuple[int, int]]:
-    """``(position, block id)`` in the order the consumer at ``start`` needs them, forever.
-
-    The consumer's ``k``-th next batch covers positions ``start + k*stride*world*batch + rank*batch``
-    plus ``[0, batch)``.
-    """
-    step = stride * world * batch
-    chunk = max(1, 4096 // batch)
-    k = 0
-    while True:
-        base = start + (k + np.arange(chunk, dtype=np.int64)) * step + rank * batch
-        positions = (base[:, None] + np.arange(batch, dtype=np.int64)[None, :]).reshape(-1)
-        k += chunk
-        samples = layout.order.samples(positions)
-        # Each block once per chunk, at the first position that needs it (so the walk costs per block,
-        # not per sample). Every chunk yields at least one entry, even when it needs only blocks seen
-        # before: a generator that stayed silent would spin forever on a split of one block.
-        blocks = np.stack(layout.blocks(samples), axis=1).reshape(-1)
-        owners = np.repeat(positions, blocks.shape[0] // positions.shape[0])
-        unique, first = np.unique(blocks, return_index=True)
-        keep = unique >= 0
-        order = np.argsort(first[keep], kind="stable")
-        yield from zip(owners[first[keep][order]].tolist(), unique[keep][order].tolist(), strict=True)
-
-
-@dataclass
-class _File:
-    name: str
-    uri: str
-    sha256: str | None
-    crc32: int | None
-    etag: str | None  # None also once the store showed another ETag (data copied elsewhere)
-    size: int
-    first_block: int
-    block_size: int
+def reader_counters(reader: Reader) -> dict[str, float]:
+    """Cumulative data counters of any reader (a copy of its :meth:`~lmforge.data.reader_protocol.Reader.counters`)."""
+    return dict(reader.counters())
 
 
 class SampleReader:
@@ -309,73 +125,28 @@ class SampleReader:
         self.shards: list[dict[str, Any]] = [s for s in self.index["shards"] if int(s["tokens"]) > 0]
         self.total_tokens = int(self.index["total_tokens"])
         self.num_samples = max(0, (self.total_tokens - 1) // self.context_length)
-        self.has_mask = any(s.get("mask") for s in self.shards)
-        self.remote = not split_uri.startswith("file://")
-        self._starts: list[int] = []
-        offset = 0
-        for shard in self.shards:
-            self._starts.append(offset)
-            offset += int(shard["tokens"])
         self.shuffle_window = int(shuffle_window)
         self.order = self._new_order()
         self.position = 0
-        # Counters (cumulative; exported by lmforge.trainer.metrics, summed by mixers).
+        # Counters (cumulative; exported by lmforge.trainer.metrics, summed by mixers; the block
+        # store counts what it fetched).
         self.wait_seconds = 0.0
         self.samples_read = 0
         self.bytes_read = 0  # bytes of the samples delivered
-        self.bytes_fetched = 0  # bytes downloaded from the object store
-        self.blocks_fetched = 0
-        self.inline_fetches = 0  # blocks the consumer had to fetch itself (prefetch misses)
-        self.retry_stats = RetryStats()
-        self._fetch_lock = threading.Lock()
-        self._files: list[_File] = []
-        self._token_file: list[int] = []
-        self._mask_file: list[int | None] = []
-        self._block_file: list[int] = []
-        self._maps: dict[int, np.ndarray] = {}
-        self._block_by_name: dict[str, int] = {}
-        for shard in self.shards:
-            count = int(shard["tokens"])
-            size = count * self.dtype.itemsize
-            self._token_file.append(self._add_file(shard["name"], size, shard))
-            mask = shard.get("mask")
-            self._mask_file.append(self._add_file(mask, count, shard, "mask_") if mask else None)
-        # The same tables as arrays, built once: the vectorized reads index them per sample.
-        self._shard_starts = np.array(self._starts, dtype=np.int64)
-        self._shard_tokens = np.array([int(s["tokens"]) for s in self.shards], dtype=np.int64)
-        self._shard_token_file = np.array(self._token_file, dtype=np.int64)
-        self._shard_mask_file = np.array([-1 if m is None else m for m in self._mask_file], dtype=np.int64)
-        self._file_first_block = np.array([f.first_block for f in self._files], dtype=np.int64)
-        self._file_block_size = np.array([f.block_size for f in self._files], dtype=np.int64)
-        self._next_file_head = self._next_file_heads()
-        self.cache: BlockCache | None = None
-        if self.remote:
-            root: Path | None = cache
-            limit = self.settings.cache_bytes
-            if root is None and os.environ.get("LMFORGE_CACHE_DIR"):
-                root = cache_dir("shards")
-                if limit is not None:
-                    split = hashlib.sha256(split_uri.encode()).hexdigest()[:12]
-                    root = root / f"{split}-rank{self.rank}-worker{self.worker}"
-            if root is None and limit is None:
-                limit = self.working_set_bytes()
-            this = weakref.ref(self)
-
-            def forget(name: str) -> None:
-                reader = this()
-                if reader is not None:
-                    block = reader._block_by_name.get(name)
-                    if block is not None:
-                        reader._maps.pop(block, None)
-
-            self.cache = BlockCache(root, limit, on_evict=forget)
-            reuse_freed_buffers(int(self._file_block_size.max(initial=0)))
-        # The first and last bytes of every block fetched so far (edges): a window that crosses from
-        # one shard into the next needs a few bytes at the end of one block and the start of the
-        # other, when either may be out of the cache (the next shard's turn in the order may be far
-        # off); they are read from here instead of with GETs of their own.
-        self._edge_bytes = (self.context_length + 1) * 4  # one window at the widest token (uint32)
-        self._edges: dict[int, tuple[bytes, bytes]] = {}  # block: (head, tail)
+        self.block_store = BlockStore(
+            split_uri,
+            storage,
+            self.shards,
+            self.dtype,
+            self.context_length,
+            self.settings,
+            cache=cache,
+            rank=self.rank,
+            worker=self.worker,
+            working_samples=self._working_samples(),
+        )
+        self.has_mask = self.block_store.has_mask
+        self.remote = self.block_store.remote
         self._prefetcher: Prefetcher | None = None
         self._planned: int | None = None  # batch size of the prefetch plan running now (None: no plan)
         # Batches read ahead in one go: (next position, batch size, next row, x rows, y rows).
@@ -447,49 +218,30 @@ class SampleReader:
             "samples_read": self.samples_read,
             "bytes_read": self.bytes_fetched if self.remote else self.bytes_read,
             "wait_seconds": self.wait_seconds,
-            "s3_errors": self.retry_stats.errors,
-            "s3_retries": self.retry_stats.retries,
+            "s3_errors": self.block_store.retry_stats.errors,
+            "s3_retries": self.block_store.retry_stats.retries,
             "prefetch_depth": self._prefetcher.depth if self._prefetcher is not None else 0,
         }
 
-    # --- blocks (s3://) --------------------------------------------------------------------------
+    # The block store's cache and counters, read where they always were.
 
-    def _add_file(self, name: str, size: int, shard: dict[str, Any], prefix: str = "") -> int:
-        """Register one file of ``shard`` (its checksums are the entry's ``{prefix}sha256`` etc.)."""
-        uri = join_uri(self.split_uri, name)
-        whole = size <= self.settings.range_threshold
-        # Ranged blocks hold whole tokens (a multiple of 4 bytes), so a block can be viewed as tokens.
-        block_size = max(1, size) if whole else max(4, self.settings.range_bytes - self.settings.range_bytes % 4)
-        first = len(self._block_file)
-        checks = (shard.get(f"{prefix}sha256"), shard.get(f"{prefix}crc32"), shard.get(f"{prefix}etag"))
-        self._files.append(_File(name, uri, *checks, size, first, block_size))
-        index = len(self._files) - 1
-        self._block_file.extend([index] * max(1, -(-size // block_size)))
-        return index
+    @property
+    def cache(self) -> BlockCache | None:
+        return self.block_store.cache
 
-    def _next_file_heads(self) -> dict[int, int]:
-        """The last block of each file: the first block of the next shard's file of the same kind, which
-        a window running past that block's end reads next (a file's other blocks are followed by its
-        own next block, which the prefetch plan fetches anyway)."""
-        heads: dict[int, int] = {}
-        for kind in (self._token_file, self._mask_file):
-            files = [f for f in kind if f is not None]
-            for here, after in zip(files, files[1:], strict=False):
-                file = self._files[here]
-                heads[file.first_block + max(1, -(-file.size // file.block_size)) - 1] = self._files[after].first_block
-        return heads
+    @property
+    def bytes_fetched(self) -> int:
+        """Bytes downloaded from the object store."""
+        return self.block_store.bytes_fetched
 
-    def _block_range(self, block: int) -> tuple[_File, int, int]:
-        file = self._files[self._block_file[block]]
-        offset = (block - file.first_block) * file.block_size
-        return file, offset, min(file.block_size, file.size - offset)
+    @property
+    def blocks_fetched(self) -> int:
+        return self.block_store.blocks_fetched
 
-    def _block_name(self, block: int) -> str:
-        file, offset, length = self._block_range(block)
-        key = file.sha256 or hashlib.sha256(file.uri.encode()).hexdigest()
-        name = f"{key}-{file.name}" if length == file.size else f"{key}-{file.name}.{offset}-{length}"
-        self._block_by_name.setdefault(name, block)
-        return name
+    @property
+    def inline_fetches(self) -> int:
+        """Blocks the consumer had to fetch itself (prefetch misses)."""
+        return self.block_store.inline_fetches
 
     def working_set_bytes(self) -> int:
         """The default in-memory cache size: what the order needs at once, with a quarter to spare.
@@ -498,228 +250,29 @@ class SampleReader:
         plus its read-ahead (all ranks' and workers' positions of a chunk), plus the blocks at either
         end and those prefetched; at most the whole split.
         """
-        files = [f for f in self._files if f.size]
-        if not files:
-            return 1
-        sample_bytes = self.context_length * (self.dtype.itemsize + (1 if self.has_mask else 0))
-        spread = min(self.num_samples, self.shuffle_window + self._read_ahead_span(64)) * sample_bytes
-        block = max(min(f.size, f.block_size) for f in files)
-        needed = int(1.25 * (spread + (self.settings.prefetch_depth + 4) * block))
-        return max(1, min(sum(f.size for f in files), needed))
+        return self.block_store.working_set_bytes(self._working_samples())
 
-    def block_cached(self, block: int) -> bool:
-        assert self.cache is not None
-        return self.cache.contains(self._block_name(block), self._block_range(block)[2])
-
-    def wait_block_room(self, block: int, timeout: float) -> bool:
-        assert self.cache is not None
-        return self.cache.wait_for_room(self._block_range(block)[2], timeout)
-
-    def pin_block(self, block: int) -> None:
-        assert self.cache is not None
-        self.cache.pin(self._block_name(block), self._block_range(block)[2])
-
-    def unpin_block(self, block: int) -> None:
-        assert self.cache is not None
-        self.cache.unpin(self._block_name(block))
-
-    def cache_evictions(self) -> int:
-        assert self.cache is not None
-        return self.cache.evictions
-
-    def fetch_block(self, block: int) -> None:
-        """GET one block (retried, verified) into the cache; a persistent mismatch is a ShardError."""
-        assert self.cache is not None
-        file, offset, length = self._block_range(block)
-        data = self._get(file, offset, length)
-        self.cache.put(self._block_name(block), data)
-        with self._fetch_lock:
-            self.bytes_fetched += length
-            self.blocks_fetched += 1
-        self._remember_edges(block, data, whole=True)
-        after = self._next_file_head.get(block)
-        if after is None or after in self._edges:
-            return  # not a file's end, or the next file's head is known already
-        if self.cache.contains(self._block_name(after), self._block_range(after)[2]):
-            return
-        # The window at this file's end runs into the next shard's file, whose own turn in the order
-        # may be far off: fetch its head now, in this background thread, so the consumer does not
-        # wait for a GET when it gets there. Best effort: should it fail, the consumer reads those
-        # bytes itself (and reports what fails).
-        file, offset, length = self._block_range(after)
-        take = min(length, self._edge_bytes)
-        try:
-            head = self._get_counted(file, offset, take)
-        except (ShardError, StorageUnavailable):
-            return
-        self._remember_edges(after, head, whole=take == length)
-
-    def _get_counted(self, file: _File, offset: int, length: int) -> bytes:
-        """:meth:`_get` of a few bytes outside any block (not cached), counted as fetched."""
-        data = self._get(file, offset, length)
-        with self._fetch_lock:
-            self.bytes_fetched += length
-        return data
-
-    def _from_edges(self, block: int, begin: int, take: int, size: int) -> np.ndarray | None:
-        """Bytes ``[begin, begin + take)`` of a block of ``size`` bytes from its kept edges, if there."""
-        head, tail = self._edges.get(block, (b"", b""))
-        if begin + take <= len(head):
-            return np.frombuffer(head, np.uint8, take, begin)
-        if tail and begin >= size - len(tail):
-            return np.frombuffer(tail, np.uint8, take, begin - (size - len(tail)))
-        return None
-
-    def _remember_edges(self, block: int, data: bytes, *, whole: bool) -> None:
-        """Keep the block's edges (``data`` is the whole block, or with ``whole=False`` its head only)."""
-        edge = self._edge_bytes
-        with self._fetch_lock:
-            known = self._edges.get(block)
-            if known is not None and (known[1] or not whole):
-                return
-            if known is None and 2 * edge * len(self._edges) >= _EDGES_BYTES:
-                del self._edges[next(iter(self._edges))]  # the oldest
-            self._edges[block] = (bytes(data[:edge]), bytes(data[-edge:]) if whole else b"")
-
-    def _get(self, file: _File, offset: int, length: int) -> bytes:
-        """Bytes ``[offset, offset + length)`` of ``file`` from the store, retried and verified.
-
-        The store checks the object's ETag against the index's (If-Match) when the index has one; a
-        whole file fetched without that check is checked against the index's crc32 (its sha256 for
-        indexes without one); every read is checked by its length."""
-        whole = length == file.size
-
-        def once() -> bytes:
-            etag = file.etag
-            try:
-                data = self.storage.fetch(file.uri, offset, None if whole else length, if_match=etag)
-            except VersionMismatch:  # rewritten, or copied to another store: check the content instead
-                file.etag = etag = None
-                data = self.storage.fetch(file.uri, offset, None if whole else length)
-            if len(data) != length:
-                raise ContentMismatch(f"{file.uri}: got {len(data)} bytes, expected {length}")
-            if etag is not None:
-                return data
-            if whole and file.crc32 is not None:
-                if zlib.crc32(data) != file.crc32:
-                    raise ContentMismatch(f"{file.uri}: checksum (crc32) does not match index.json")
-            elif whole and file.sha256 is not None and hashlib.sha256(data).hexdigest() != file.sha256:
-                raise ContentMismatch(f"{file.uri}: checksum (sha256) does not match index.json")
-            return data
-
-        try:
-            return call_with_retries(once, file.uri, policy=self.settings.retry, stats=self.retry_stats)
-        except FileNotFoundError:
-            raise ShardError(
-                f"shard {file.name} of {self.split_uri} is missing ({file.uri}); prepare the data again"
-            ) from None
-        except StorageUnavailable as exc:
-            if isinstance(exc.__cause__, ContentMismatch):
-                what = (
-                    "corrupt: its checksum does not match index.json"
-                    if "checksum" in str(exc.__cause__)
-                    else (f"truncated or corrupt ({exc.__cause__})")
-                )
-                raise ShardError(f"shard {file.name} of {self.split_uri} is {what}; prepare the data again") from None
-            raise
-
-    def _block_view(self, block: int) -> np.ndarray:
-        """The block's bytes (uint8: the fetched bytes, or a memory map of the cached file), fetched or
-        waited for if needed."""
-        view = self._maps.get(block)
-        if view is not None:
-            return view
-        assert self.cache is not None
-        name = self._block_name(block)
-        length = self._block_range(block)[2]
-        prefetcher = self._prefetcher
-        claimed = prefetcher is not None and not prefetcher.take(block)
-        try:
-            view = self.cache.view(name, length)
-            if view is None:
-                self.inline_fetches += 1
-                self.fetch_block(block)
-                view = self.cache.view(name, length)
-                if view is None:  # evicted at once: the cache is smaller than one block plus pins
-                    raise ShardError(
-                        f"LMFORGE_CACHE_BYTES={self.cache.limit} cannot hold block {name} ({length} bytes) of "
-                        f"{self.split_uri} next to the blocks in use; raise it to at least {4 * length}"
-                    )
-        finally:
-            if claimed and prefetcher is not None:
-                prefetcher.release(block)
-        self._maps[block] = view
-        return view
-
-    def _file_bytes(self, index: int, start: int, end: int) -> np.ndarray:
-        """Bytes ``[start, end)`` of file ``index`` (a copy for s3://, a view for file://)."""
-        file = self._files[index]
-        if not self.remote:
-            view = self._maps.get(-1 - index)
-            if view is None:
-                view = self._local_map(file)
-                self._maps[-1 - index] = view
-            return view[start:end]
-        assert self.cache is not None
-        out = np.empty(end - start, dtype=np.uint8)
-        done = start
-        while done < end:
-            block = file.first_block + done // file.block_size
-            begin = done - (block - file.first_block) * file.block_size
-            name = self._block_name(block)
-            size = self._block_range(block)[2]
-            take = min(end - done, size - begin)
-            if take * 8 <= size and block not in self._maps and not self.cache.contains(name, size):
-                # The tail of a window that crosses into a block not in the cache (the next shard,
-                # whose own turn in the order may be far off): from the block's head if it was
-                # fetched before, else just these bytes with a GET of their own (not cached).
-                known = self._from_edges(block, begin, take, size)
-                if known is not None:
-                    out[done - start : done - start + take] = known
-                    done += take
-                    continue
-                out[done - start : done - start + take] = np.frombuffer(self._get_counted(file, done, take), np.uint8)
-                done += take
-                continue
-            self.cache.pin(name, size)  # never evicted while we copy from it
-            try:
-                view = self._block_view(block)
-                take = min(end - done, view.shape[0] - begin)
-                out[done - start : done - start + take] = view[begin : begin + take]
-            finally:
-                self.cache.unpin(name)
-            done += take
-        return out
-
-    def _local_map(self, file: _File) -> np.ndarray:
-        path = local_path(file.uri)
-        if not path.is_file():
-            raise ShardError(f"shard {file.name} of {self.split_uri} is missing ({path}); prepare the data again")
-        size = path.stat().st_size
-        if size != file.size:
-            raise ShardError(
-                f"shard {file.name} of {self.split_uri} has {size} bytes, the index expects {file.size}; "
-                "it is truncated or corrupt: prepare the data again"
-            )
-        return np.memmap(path, dtype=np.uint8, mode="r", shape=(size,)) if size else np.empty(0, np.uint8)
+    def _working_samples(self) -> int:
+        return min(self.num_samples, self.shuffle_window + self._read_ahead_span(64))
 
     # --- reading ------------------------------------------------------------------------------
 
     def _read(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Tokens ``[start, start + length)`` of the stream (int32) and their mask (or None)."""
+        store = self.block_store
         tokens = np.empty(length, dtype=BATCH_DTYPE)
         mask = np.ones(length, dtype=np.uint8) if self.has_mask else None
-        i = bisect.bisect_right(self._starts, start) - 1
+        i = bisect.bisect_right(store.starts, start) - 1
         done = 0
         size = self.dtype.itemsize
         while done < length:
-            begin = start + done - self._starts[i]
+            begin = start + done - store.starts[i]
             take = min(length - done, int(self.shards[i]["tokens"]) - begin)
-            raw = self._file_bytes(self._token_file[i], begin * size, (begin + take) * size)
+            raw = store.file_bytes(store.token_file[i], begin * size, (begin + take) * size)
             tokens[done : done + take] = raw.view(self.dtype)
-            mask_file = self._mask_file[i]
+            mask_file = store.mask_file[i]
             if mask is not None and mask_file is not None:
-                mask[done : done + take] = self._file_bytes(mask_file, begin, begin + take)
+                mask[done : done + take] = store.file_bytes(mask_file, begin, begin + take)
             done += take
             i += 1
         return tokens, mask
@@ -757,68 +310,21 @@ class SampleReader:
         """:meth:`sample_index` of many positions at once."""
         return self.order.samples(positions)
 
-    def _rows(self, view: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
-        """Items ``[start, start + length)`` of ``view`` for every start, as a ``[len(starts), length]`` copy.
-
-        Samples start ``context_length`` items apart in the stream, so the starts within one file or
-        block differ by multiples of it: the rows are rows of one strided view, and numpy copies them
-        whole (an index matrix of every item would cost more than the copy itself).
-        """
-        stride = self.context_length
-        base = int(starts[0]) % stride
-        count = max(0, (view.shape[0] - base - length) // stride + 1)
-        step = view.strides[0]
-        windows = np.lib.stride_tricks.as_strided(
-            view[base:], shape=(count, length), strides=(stride * step, step), writeable=False
-        )
-        return windows[(starts - base) // stride]
-
-    def _gather(
-        self, files: np.ndarray, offsets: np.ndarray, length: int, dtype: np.dtype, out: np.ndarray
-    ) -> np.ndarray:
-        """Copy items ``[offset, offset + length)`` of file ``files[i]`` into ``out[i]`` for every ``i``
-        at once; returns which rows were gathered (a row that crosses a block is not)."""
-        done = np.zeros(files.shape[0], dtype=bool)
-        size = dtype.itemsize
-        if not self.remote:
-            for index in np.unique(files).tolist():
-                chosen = files == index
-                view = self._file_bytes(index, 0, self._files[index].size).view(dtype)
-                out[chosen] = self._rows(view, offsets[chosen], length)
-                done |= chosen
-            return done
-        per_block = self._file_block_size[files] // size
-        blocks = self._file_first_block[files] + offsets // per_block
-        within = offsets % per_block
-        assert self.cache is not None
-        for block in np.unique(blocks).tolist():
-            chosen = blocks == block
-            name = self._block_name(block)
-            self.cache.pin(name, self._block_range(block)[2])  # never evicted while we copy from it
-            try:
-                view = self._block_view(block).view(dtype)
-                chosen &= within + length <= view.shape[0]
-                if chosen.any():
-                    out[chosen] = self._rows(view, within[chosen], length)
-            finally:
-                self.cache.unpin(name)
-            done |= chosen
-        return done
-
     def _batch(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """int32 ``x``, ``y`` (``[len(samples), T]``) for sample indices; vectorized per shard and block,
         sample by sample only for the few windows that cross a shard or block boundary. Without a loss
         mask, ``x`` and ``y`` are views of one ``[len(samples), T + 1]`` array."""
+        store = self.block_store
         length = self.context_length + 1
         first = samples * self.context_length
-        shard = np.searchsorted(self._shard_starts, first, side="right") - 1
-        offsets = first - self._shard_starts[shard]
-        inside = offsets + length <= self._shard_tokens[shard]
+        shard = np.searchsorted(store.shard_starts, first, side="right") - 1
+        offsets = first - store.shard_starts[shard]
+        inside = offsets + length <= store.shard_tokens[shard]
         everywhere = bool(inside.all())
         rows = np.empty((samples.shape[0], length), dtype=BATCH_DTYPE)
         target = rows if everywhere else np.empty((int(inside.sum()), length), dtype=BATCH_DTYPE)
-        done = self._gather(
-            self._shard_token_file[shard] if everywhere else self._shard_token_file[shard[inside]],
+        done = store.gather(
+            store.shard_token_file[shard] if everywhere else store.shard_token_file[shard[inside]],
             offsets if everywhere else offsets[inside],
             length,
             self.dtype,
@@ -826,11 +332,11 @@ class SampleReader:
         )
         mask_rows = None
         if self.has_mask:
-            mask_of = self._shard_mask_file[shard[inside]]
+            mask_of = store.shard_mask_file[shard[inside]]
             mask_rows = np.ones((target.shape[0], length), dtype=np.uint8)
             with_mask = mask_of >= 0
             gathered = np.ones((int(with_mask.sum()), length), dtype=np.uint8)
-            mask_done = self._gather(
+            mask_done = store.gather(
                 mask_of[with_mask], offsets[inside][with_mask], length, np.dtype(np.uint8), gathered
             )
             mask_rows[with_mask] = gathered
@@ -849,22 +355,6 @@ class SampleReader:
         for j in np.flatnonzero(slow).tolist():
             x[j], y[j] = self._sample(int(samples[j]))
         return x, y
-
-    def _layout(self) -> _Layout:
-        masks = self._shard_mask_file
-        has_mask = masks >= 0
-        mask_files = np.where(has_mask, masks, 0)  # any valid index where there is no mask; masked out below
-        return _Layout(
-            starts=self._shard_starts,
-            token_block=self._file_first_block[self._shard_token_file],
-            token_block_size=self._file_block_size[self._shard_token_file],
-            mask_block=np.where(has_mask, self._file_first_block[mask_files], -1),
-            mask_block_size=np.where(has_mask, self._file_block_size[mask_files], 1),
-            itemsize=self.dtype.itemsize,
-            context_length=self.context_length,
-            num_samples=self.num_samples,
-            order=self.order,
-        )
 
     def _read_ahead_span(self, batch_size: int) -> int:
         """Global positions one vectorized read may cover: its samples are this rank's share of them,
@@ -888,12 +378,14 @@ class SampleReader:
             return
         if self._prefetcher is None:
             self._prefetcher = Prefetcher(
-                weakref.proxy(self),  # type: ignore[arg-type]
+                weakref.proxy(self.block_store),  # type: ignore[arg-type]
                 depth=self.settings.prefetch_depth,
                 threads=self.settings.fetch_threads,
                 horizon=self._prefetch_horizon(),
             )
-        plan = plan_blocks(self._layout(), self.position, batch_size, self.rank, self.world_size, self.num_workers)
+            self.block_store.prefetcher = self._prefetcher
+        layout = self.block_store.layout(self.order, self.num_samples)
+        plan = plan_blocks(layout, self.position, batch_size, self.rank, self.world_size, self.num_workers)
         self._prefetcher.start(plan, self.position)
         self._planned = batch_size
 
@@ -941,8 +433,9 @@ class SampleReader:
         if self._prefetcher is not None:
             self._prefetcher.close()
             self._prefetcher = None
+            self.block_store.prefetcher = None
             self._planned = None
-        self._maps.clear()
+        self.block_store.close()
 
     def __del__(self) -> None:
         prefetcher = getattr(self, "_prefetcher", None)

@@ -2,9 +2,9 @@
 
 Why our own loop and not botocore's: botocore retries the request, but not a body that breaks off
 mid-stream or arrives short (a dropped connection after the headers), and it does not tell us how
-often it retried. The streaming reader fetches with botocore's retries off
-(:meth:`lmforge.data.storage.S3Storage.fetch`) and wraps each fetch in :func:`call_with_retries`,
-which counts every failed attempt and every retry in a :class:`RetryStats`.
+often it retried. The streaming reader's block store (:mod:`lmforge.data.blocks`) fetches with
+botocore's retries off (:meth:`lmforge.data.storage.S3Storage.fetch`) and wraps each fetch in
+:func:`call_with_retries`, which counts every failed attempt and every retry in a :class:`RetryStats`.
 
 Retryable: HTTP 5xx and throttling (``SlowDown``, ``Throttling``, ``RequestTimeout``, 429, ...),
 connection errors (refused, reset, dropped, timed out), short or broken bodies and content that does
@@ -14,8 +14,16 @@ access, a bad request: those are raised at once. After ``attempts`` failures a
 and the last error.
 
 Delay before retry ``n`` (1-based): ``uniform(0, min(cap, base * 2**(n-1)))`` ("full jitter").
-Defaults: 8 attempts, base 0.1 s, cap 10 s; ``LMFORGE_S3_ATTEMPTS``, ``LMFORGE_S3_BACKOFF`` (base) and
-``LMFORGE_S3_BACKOFF_CAP`` override them.
+
+Environment (:meth:`RetryPolicy.from_env`, read when a reader is created):
+
+=========================  ===========  ==========================================================
+variable                   default      meaning
+=========================  ===========  ==========================================================
+LMFORGE_S3_ATTEMPTS        8            attempts per GET before the run fails (exit 75)
+LMFORGE_S3_BACKOFF         0.1          first retry delay bound in seconds (doubles, capped): base
+LMFORGE_S3_BACKOFF_CAP     10           largest retry delay bound in seconds: cap
+=========================  ===========  ==========================================================
 """
 
 from __future__ import annotations

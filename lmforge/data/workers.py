@@ -11,10 +11,12 @@ process; workers move it to other processes. Order and resumption stay exactly t
 - The DataLoader (``batch_size=None``, in order) takes batches round-robin from workers
   ``0, 1, ..., n-1, 0, ...``: batch ``k`` comes from worker ``k mod n``, i.e. the same sequence
   as without workers.
-- :class:`WorkerReader` has ``SampleReader``'s API (``next_batch``, ``state_dict``,
-  ``load_state_dict``, ``counters``). Its position is the global position of the batches handed
-  out, so a checkpoint saved with workers resumes exactly with or without them, and with any
-  world size. ``load_state_dict`` or a new batch size restarts the workers at the new position.
+- :class:`WorkerReader` is a :class:`~lmforge.data.reader_protocol.SampleSource` like the
+  ``SampleReader`` it wraps (``next_batch``, ``state_dict``, ``load_state_dict``, ``counters``, ...).
+  Its position is the global position of the batches handed out, so a checkpoint saved with workers
+  resumes exactly with or without them, and with any world size. ``load_state_dict`` or a new batch
+  size restarts the workers at the new position. What a mixer reads by position (``sample``,
+  ``sample_index``, ``samples_at``) is read in this process, by the wrapped reader.
 
 Each batch carries the worker's counter deltas (samples, bytes, S3 errors and retries, prefetch
 depth), so the counters here cover all workers; ``wait_seconds`` is the time this process waited.
@@ -26,6 +28,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -62,7 +65,8 @@ class WorkerBatches(IterableDataset):
 
 
 class WorkerReader:
-    """``SampleReader``'s API over ``num_workers`` DataLoader worker processes (module docstring)."""
+    """A :class:`~lmforge.data.reader_protocol.SampleSource` over ``num_workers`` DataLoader worker
+    processes (module docstring)."""
 
     def __init__(self, reader: SampleReader, num_workers: int, prefetch_factor: int = 2) -> None:
         if num_workers < 1:
@@ -85,20 +89,42 @@ class WorkerReader:
         self.reader.position = int(value)
         self._stop()
 
-    def __getattr__(self, name: str) -> Any:
-        """Everything else (``sample``, ``sample_index``, ``context_length``, ...) is the reader's,
-        read in this process (a mixer reads its sources sample by sample)."""
-        if name == "reader":
-            raise AttributeError(name)
-        return getattr(self.reader, name)
-
     @property
     def num_samples(self) -> int:
         return self.reader.num_samples
 
     @property
+    def epoch(self) -> int:
+        return self.reader.epoch
+
+    @property
     def samples_read(self) -> int:
         return int(self._totals["samples_read"])
+
+    # What a mixer reads by position: the reader's, read in this process.
+
+    @property
+    def context_length(self) -> int:
+        return self.reader.context_length
+
+    @property
+    def split_uri(self) -> str:
+        return self.reader.split_uri
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of the samples read in this process (:meth:`sample`, :meth:`samples_at`); the workers'
+        are in :meth:`counters`."""
+        return self.reader.bytes_read
+
+    def sample_index(self, position: int) -> int:
+        return self.reader.sample_index(position)
+
+    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.reader.sample(index)
+
+    def samples_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.reader.samples_at(positions)
 
     def _start(self, batch_size: int) -> None:
         self._stop()
