@@ -17,7 +17,10 @@ Preparation, what `lmforge prepare` and every training pod's start run:
 
 Reading, during training:
 
+- :mod:`lmforge.data.reader_protocol`: what every reader offers the loop, the mixer and the workers.
 - :mod:`lmforge.data.reader`: a deterministic, resumable sample stream over a split's shards.
+- :mod:`lmforge.data.stream_settings`: the streaming knobs (``LMFORGE_PREFETCH_DEPTH``, cache, ranges).
+- :mod:`lmforge.data.blocks`: a split's shard blocks: verified GETs, shard edges, cache views, mmap.
 - :mod:`lmforge.data.order`: the order an epoch visits the samples (a shuffle that streams).
 - :mod:`lmforge.data.prefetch`: fetches the blocks the upcoming samples need, ahead of the reader.
 - :mod:`lmforge.data.cache`: the bounded LRU cache of fetched shard blocks (memory or a directory).
