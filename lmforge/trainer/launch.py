@@ -136,7 +136,8 @@ def worker_main(manifest_json: str, threads: int | None, mode: str = "train") ->
 
     from lmforge.api.manifest import TrainingJob
     from lmforge.data.prepared import UnusablePreparedData
-    from lmforge.trainer.loop import InvalidForThisRun, find_lr, train
+    from lmforge.trainer.loop import find_lr, train
+    from lmforge.trainer.world import InvalidForThisRun
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # torch.distributed deprecation notices from inside DeepSpeed, once per collective call site.
