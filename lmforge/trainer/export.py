@@ -20,15 +20,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import tokenizers
 import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.trainer.model import GPT, GPTConfig
-
-if TYPE_CHECKING:
-    import tokenizers
 
 FORMAT_VERSION = 1
 HF_PREFIX = "model."  # LlamaForCausalLM nests everything but lm_head under LlamaModel, named "model"
@@ -103,8 +101,6 @@ def export_model(
 
     Weights keep the model's dtype (fp32, bf16 or fp16).
     """
-    import tokenizers
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_json))
@@ -139,8 +135,6 @@ def export_model(
 
 def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[GPT, tokenizers.Tokenizer]:
     """Read an exported directory back into our GPT (eval mode, the saved dtype) and its tokenizer."""
-    import tokenizers
-
     directory = Path(model_dir)
     meta_path = directory / "lmforge_model.json"
     if not meta_path.exists():
