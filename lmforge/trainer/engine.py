@@ -2,9 +2,10 @@
 offload, precision, accumulation, clipping, AdamW) and the full weights out of it for export.
 
 ``deepspeed`` is imported inside these functions, never at module level: DeepSpeed picks its
-accelerator from ``DS_ACCELERATOR`` once, when it is first imported, and the callers set that
-variable first (:func:`lmforge.trainer.launch.launch` for the workers, compress's single-process
-world); importing this module must not make that choice early.
+accelerator from ``DS_ACCELERATOR`` once, when it is first imported, and
+:func:`lmforge.trainer.launch.launch` sets that variable before its workers start; importing this
+module (the loop, compress and tests do) must not make that choice early, nor cost DeepSpeed's
+seconds-long import where no engine is made.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import tokenizers
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmforge import contract
 from lmforge.trainer.model import GPT, GPTConfig
 
 FORMAT_VERSION = 1
@@ -129,14 +130,14 @@ def export_model(
         },
     )
     _write_json(out / "special_tokens_map.json", special)
-    _write_json(out / "lmforge_model.json", {"format_version": FORMAT_VERSION, **config.to_dict()})
+    _write_json(out / contract.MODEL_META, {"format_version": FORMAT_VERSION, **config.to_dict()})
     return out
 
 
 def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[GPT, tokenizers.Tokenizer]:
     """Read an exported directory back into our GPT (eval mode, the saved dtype) and its tokenizer."""
     directory = Path(model_dir)
-    meta_path = directory / "lmforge_model.json"
+    meta_path = directory / contract.MODEL_META
     if not meta_path.exists():
         raise FileNotFoundError(f"{directory} is not an exported lmforge model (no lmforge_model.json)")
     meta = json.loads(meta_path.read_text())

@@ -91,9 +91,9 @@ class Trainer:
         )
         # continual: the earlier data's held-out loss with the initial weights (before any checkpoint is loaded).
         self.forgetting_before = self.continual.measure(self.evaluator.loss) if self.continual is not None else []
-        self.step, self.tokens = (0, 0)
+        self.start_step, self.start_tokens = 0, 0  # where the loop starts: step 0, or the checkpoint's
         if self.resume is not None:
-            self.step, self.tokens = self.checkpointer.load(self.engine, self.train_reader, self.resume)
+            self.start_step, self.start_tokens = self.checkpointer.load(self.engine, self.train_reader, self.resume)
         self.logger = StepLogger(
             spec,
             ctx,
@@ -101,8 +101,8 @@ class Trainer:
             engine=self.engine,
             reader=self.train_reader,
             total_steps=self.total_steps,
-            step=self.step,
-            tokens=self.tokens,
+            step=self.start_step,
+            tokens=self.start_tokens,
             tokens_per_step=self.tokens_per_step,
             resumed_from=self.resume.tag if self.resume is not None else None,
             flops_per_token=model.flops_per_token(),
@@ -114,8 +114,8 @@ class Trainer:
         """The loop, from the first (or resumed) step to the last, or to a SIGTERM's checkpoint."""
         engine, reader, val_reader, device, ewc = self.engine, self.train_reader, self.val_reader, self.device, self.ewc
         logger, evaluator, checkpointer, sigterm = self.logger, self.evaluator, self.checkpointer, self.sigterm
-        training, interval = self.spec.training, self.spec.checkpoint.interval
-        step, tokens, total_steps, peak_lr = self.step, self.tokens, self.total_steps, self.peak_lr
+        training, checkpoint_interval = self.spec.training, self.spec.checkpoint.interval
+        step, tokens, total_steps, peak_lr = self.start_step, self.start_tokens, self.total_steps, self.peak_lr
         accumulation, micro, tokens_per_step = self.accumulation, training.micro_batch_size, self.tokens_per_step
         losses: list[float] = []
         data_wait = 0.0
@@ -152,7 +152,7 @@ class Trainer:
                 last_eval = evaluator.loss(val_reader)
                 logger.evaluated(step, last_eval)
             preempted = any_rank(sigterm.raised)
-            if step % interval == 0 or step == total_steps or preempted:
+            if step % checkpoint_interval == 0 or step == total_steps or preempted:
                 checkpointer.save(engine, reader, step=step, tokens=tokens, peak_lr=peak_lr, logger=logger)
             if preempted:
                 logger.note(f"SIGTERM: checkpoint at step {step} saved; exiting")

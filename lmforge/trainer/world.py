@@ -1,8 +1,9 @@
 """What every trainer process does first, whatever it runs (training or the LR range test).
 
 Join the process group, check that the spec fits the world that was launched, and prepare the data:
-rank 0 first (it tokenizes, or finds the prepared data reusable), then the others, which then only
-find it ready. The clock of the run (``summary.json``'s ``seconds``) starts once the world is up.
+rank 0 first (it tokenizes, or finds the prepared data reusable), printing its report, then the
+others, silently, once rank 0 is done. The clock of the run (``summary.json``'s ``seconds``) starts
+once the process group is up.
 """
 
 from __future__ import annotations
