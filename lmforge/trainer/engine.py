@@ -10,13 +10,16 @@ seconds-long import where no engine is made.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from lmforge.api.training import TrainingJobSpec
 from lmforge.trainer.device import on_gpu
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 def init_distributed() -> None:
@@ -64,7 +67,7 @@ def deepspeed_config(spec: TrainingJobSpec, world_size: int, *, peak_lr: float) 
     return config
 
 
-def initialize(model: torch.nn.Module, spec: TrainingJobSpec, world_size: int, *, peak_lr: float) -> Any:
+def initialize(model: torch.nn.Module, spec: TrainingJobSpec, world_size: int, *, peak_lr: float) -> DeepSpeedEngine:
     """``deepspeed.initialize`` with weight decay only on matrices (not norms)."""
     import deepspeed
 
@@ -77,12 +80,12 @@ def initialize(model: torch.nn.Module, spec: TrainingJobSpec, world_size: int, *
     return engine
 
 
-def set_learning_rate(engine: Any, lr: float) -> None:
+def set_learning_rate(engine: DeepSpeedEngine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
 
 
-def full_state_dict(engine: Any, stage: int) -> dict[str, torch.Tensor] | None:
+def full_state_dict(engine: DeepSpeedEngine, stage: int) -> dict[str, torch.Tensor] | None:
     """fp32 weights on rank 0 (None elsewhere); every rank must call this (ZeRO 3 gathers the shards)."""
     import deepspeed
 
