@@ -171,12 +171,10 @@ def _model_dir(model: str, s3_endpoint: str | None) -> Path:
     if "://" not in model:
         return Path(model)
     from lmforge.api.common import S3Settings
-    from lmforge.api.training import TrainingJobSpec
-    from lmforge.trainer.loop import _materialize
+    from lmforge.trainer.outputs import materialize
 
     settings = S3Settings(endpoint=s3_endpoint, addressing_style="path" if s3_endpoint else "auto")
-    spec = TrainingJobSpec.model_construct(s3=settings)
-    return _materialize(model, spec)
+    return materialize(model, settings)
 
 
 @app.command()

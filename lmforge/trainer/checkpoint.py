@@ -12,6 +12,10 @@ Layout under the checkpoint URI::
 A tag without COMMIT (a save interrupted by a crash or preemption) is never resumed from;
 resumption always picks the newest committed tag, whatever ``latest`` says, so nothing depends on
 the pointer having been written. Old tags beyond ``keep`` are deleted only after a newer commit.
+
+:class:`CheckpointLocation` is that layout on storage; :class:`Checkpointer` is what a run does
+with it: find the checkpoint to resume from, load it into the engine and the reader, and save one
+(every rank its shards and RNG state, then node-local uploads, then rank 0's commit).
 """
 
 from __future__ import annotations
@@ -23,22 +27,29 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from lmforge import contract
+from lmforge.api.training import TrainingJobSpec
 from lmforge.data.staging import fetch, local_dir, publish
-from lmforge.data.storage import Storage, join_uri
+from lmforge.data.storage import Storage, join_uri, storage_for
+from lmforge.trainer.collectives import broadcast
+from lmforge.trainer.context import WorldContext
+from lmforge.trainer.logger import StepLogger
+from lmforge.trainer.outputs import RunOutputs
+from lmforge.trainer.readers import Reader
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 COMMIT = "COMMIT"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
-_TAG_RE = re.compile(r"^step-(\d{8})$")
-
-
-def tag_for(step: int) -> str:
-    return f"step-{step:08d}"
+_TAG_RE = re.compile(rf"^{re.escape(contract.CHECKPOINT_TAG_PREFIX)}(\d{{8}})$")
 
 
 def step_of(tag: str) -> int:
@@ -148,3 +159,88 @@ def load_rank_rng(staging_tag: Path, rank: int) -> bool:
         return False  # world size grew: new ranks keep their seeded state
     restore_rng_state(torch.load(path, weights_only=False))
     return True
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The newest committed checkpoint, as rank 0 found it (broadcast to every rank)."""
+
+    tag: str
+    state: dict[str, Any]
+    """Its trainer_state.json: step, tokens, reader state, peak_lr, world_size."""
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def peak_lr(self) -> float | None:
+        """The peak LR the run used (the LR range test's suggestion is kept across restarts)."""
+        return self.state.get("peak_lr")
+
+
+class Checkpointer:
+    """A run's checkpoints: :meth:`newest` to resume from, :meth:`load` it, :meth:`save` one.
+
+    Every rank makes each call at the same point (they hold barriers and broadcasts); within a
+    call each rank does its part: its shards and RNG state, the node's first rank the node's
+    uploads and downloads, rank 0 the lookup, the commit, pruning and metrics.jsonl.
+    """
+
+    def __init__(self, spec: TrainingJobSpec, ctx: WorldContext, outputs: RunOutputs) -> None:
+        self.location = CheckpointLocation(
+            outputs.layout.checkpoints, storage_for(spec.checkpoint.uri or spec.output.uri, spec.s3)
+        )
+        self.keep = spec.checkpoint.keep
+        self.ctx = ctx
+        self.outputs = outputs
+
+    def newest(self) -> Resume | None:
+        """The newest committed checkpoint (None: start from step 0), the same on every rank."""
+        main = self.ctx.is_main
+        tag = broadcast(self.location.newest_committed() if main else None)
+        state = broadcast(self.location.read_state(tag) if main and tag else None)
+        return Resume(tag, state) if tag is not None else None
+
+    def load(self, engine: DeepSpeedEngine, reader: Reader, resume: Resume) -> tuple[int, int]:
+        """Restore the engine (weights, optimizer), the reader's position and this rank's RNG; ``(step, tokens)``."""
+        location = self.location
+        if self.ctx.is_node_main:
+            location.download(resume.tag)
+        dist.barrier()
+        engine.load_checkpoint(str(location.staging), tag=resume.tag, load_lr_scheduler_states=False)
+        step = int(resume.state["step"])
+        tokens = int(resume.state["tokens"])
+        reader.load_state_dict(resume.state["reader"])
+        load_rank_rng(location.staging / resume.tag, self.ctx.rank)
+        return step, tokens
+
+    def save(
+        self, engine: DeepSpeedEngine, reader: Reader, *, step: int, tokens: int, peak_lr: float, logger: StepLogger
+    ) -> None:
+        """Save, upload and commit the checkpoint after ``step``; prune old ones; publish metrics.jsonl."""
+        begin = time.time()
+        ctx, location = self.ctx, self.location
+        tag = contract.checkpoint_tag(step)
+        staging = location.staging
+        engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
+        write_rank_rng(staging / tag, ctx.rank)
+        state = {
+            "step": step,
+            "tokens": tokens,
+            "reader": reader.state_dict(),
+            "peak_lr": peak_lr,
+            "world_size": ctx.world_size,
+        }
+        if ctx.is_main:
+            (staging / tag / STATE_FILE).write_text(json.dumps(state))
+        dist.barrier()
+        if ctx.is_node_main:
+            location.upload(tag)
+        dist.barrier()
+        if ctx.is_main:
+            location.commit(tag, state)
+            location.prune(self.keep)
+            self.outputs.publish([contract.METRICS_JSONL])
+        dist.barrier()
+        logger.checkpointed(step, tag, begin)

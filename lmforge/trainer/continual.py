@@ -33,15 +33,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
+from lmforge import contract
+from lmforge.api.training import TrainingJobSpec
 from lmforge.data.mixing import MixedReader
 from lmforge.data.other_job_data import open_prepared_split
 from lmforge.data.reader import SampleReader
+from lmforge.data.staging import publish
 from lmforge.data.storage import Storage, storage_for
 from lmforge.data.tokenizer import tokenizer_hash
 from lmforge.trainer.ewc import EwcPenalty, estimate
 
-REPORT = "forgetting.json"
+REPORT = contract.FORGETTING_JSON
 
 
 @dataclass
@@ -62,7 +66,7 @@ def _perplexity(loss: float) -> float:
 class ContinualRun:
     """The continual parts of one process's run (every rank builds one; see the module docstring)."""
 
-    def __init__(self, spec: Any, tokenizer: Any, *, rank: int, world_size: int) -> None:
+    def __init__(self, spec: TrainingJobSpec, tokenizer: Tokenizer, *, rank: int, world_size: int) -> None:
         self.spec = spec
         self.rank = rank
         self.world_size = world_size
@@ -81,7 +85,9 @@ class ContinualRun:
             self.sources.append(source)
 
     @classmethod
-    def from_spec(cls, spec: Any, tokenizer: Any, *, rank: int, world_size: int) -> ContinualRun | None:
+    def from_spec(
+        cls, spec: TrainingJobSpec, tokenizer: Tokenizer, *, rank: int, world_size: int
+    ) -> ContinualRun | None:
         """None unless ``stage: continual``; checks the earlier data before any weights are loaded."""
         if spec.stage != "continual":
             return None
@@ -196,8 +202,6 @@ class ContinualRun:
 
     def write(self, report: dict, output_dir: Path, storage: Storage, output_uri: str) -> None:
         """Rank 0: forgetting.json to the output, and the summary printed."""
-        from lmforge.data.staging import publish
-
         (output_dir / REPORT).write_text(json.dumps(report, indent=2))
         publish(storage, output_dir, output_uri, [REPORT])
         print(self.describe(report), flush=True)

@@ -1,13 +1,32 @@
-"""DeepSpeed engine from the spec: ZeRO stage and offload, precision, accumulation, clipping, AdamW."""
+"""Every DeepSpeed call of the trainer: the process group, the engine from the spec (ZeRO stage and
+offload, precision, accumulation, clipping, AdamW) and the full weights out of it for export.
+
+``deepspeed`` is imported inside these functions, never at module level: DeepSpeed picks its
+accelerator from ``DS_ACCELERATOR`` once, when it is first imported, and
+:func:`lmforge.trainer.launch.launch` sets that variable before its workers start; importing this
+module (the loop, compress and tests do) must not make that choice early, nor cost DeepSpeed's
+seconds-long import where no engine is made.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
 from lmforge.api.training import TrainingJobSpec
 from lmforge.trainer.device import on_gpu
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+
+def init_distributed() -> None:
+    """Join the process group torch's launcher described in the environment: NCCL on GPUs, gloo on CPUs."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo")
 
 
 def deepspeed_config(spec: TrainingJobSpec, world_size: int, *, peak_lr: float) -> dict[str, Any]:
@@ -48,7 +67,7 @@ def deepspeed_config(spec: TrainingJobSpec, world_size: int, *, peak_lr: float) 
     return config
 
 
-def initialize(model: torch.nn.Module, spec: TrainingJobSpec, world_size: int, *, peak_lr: float) -> Any:
+def initialize(model: torch.nn.Module, spec: TrainingJobSpec, world_size: int, *, peak_lr: float) -> DeepSpeedEngine:
     """``deepspeed.initialize`` with weight decay only on matrices (not norms)."""
     import deepspeed
 
@@ -61,6 +80,24 @@ def initialize(model: torch.nn.Module, spec: TrainingJobSpec, world_size: int, *
     return engine
 
 
-def set_learning_rate(engine: Any, lr: float) -> None:
+def set_learning_rate(engine: DeepSpeedEngine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+def full_state_dict(engine: DeepSpeedEngine, stage: int) -> dict[str, torch.Tensor] | None:
+    """fp32 weights on rank 0 (None elsewhere); every rank must call this (ZeRO 3 gathers the shards)."""
+    import deepspeed
+
+    module = engine.module
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = (
+                {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+                if dist.get_rank() == 0
+                else None
+            )
+        return state
+    if dist.get_rank() != 0:
+        return None
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

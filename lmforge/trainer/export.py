@@ -20,15 +20,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import tokenizers
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmforge import contract
 from lmforge.trainer.model import GPT, GPTConfig
-
-if TYPE_CHECKING:
-    import tokenizers
 
 FORMAT_VERSION = 1
 HF_PREFIX = "model."  # LlamaForCausalLM nests everything but lm_head under LlamaModel, named "model"
@@ -103,8 +102,6 @@ def export_model(
 
     Weights keep the model's dtype (fp32, bf16 or fp16).
     """
-    import tokenizers
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_json))
@@ -133,16 +130,14 @@ def export_model(
         },
     )
     _write_json(out / "special_tokens_map.json", special)
-    _write_json(out / "lmforge_model.json", {"format_version": FORMAT_VERSION, **config.to_dict()})
+    _write_json(out / contract.MODEL_META, {"format_version": FORMAT_VERSION, **config.to_dict()})
     return out
 
 
 def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[GPT, tokenizers.Tokenizer]:
     """Read an exported directory back into our GPT (eval mode, the saved dtype) and its tokenizer."""
-    import tokenizers
-
     directory = Path(model_dir)
-    meta_path = directory / "lmforge_model.json"
+    meta_path = directory / contract.MODEL_META
     if not meta_path.exists():
         raise FileNotFoundError(f"{directory} is not an exported lmforge model (no lmforge_model.json)")
     meta = json.loads(meta_path.read_text())

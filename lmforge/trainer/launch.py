@@ -7,9 +7,10 @@ on MASTER_ADDR:MASTER_PORT with a bounded timeout (LMFORGE_RENDEZVOUS_TIMEOUT, d
 so a node that never comes up produces an error naming it instead of a silent hang. The elastic
 rendezvous itself uses MASTER_PORT + 1.
 
-Exit codes (see :mod:`lmforge.exitcodes`): 0 done; 78 invalid spec (never retried);
-75 retryable fault (rendezvous timeout, lost peer, storage outage, unexpected error);
-143 stopped by SIGTERM after saving a checkpoint.
+Exit codes (see :mod:`lmforge.exitcodes`): 0 done; 3 quality gate failed (continual.maxForgetting:
+the model and reports are written; never retried); 78 invalid spec (never retried); 75 retryable
+fault (rendezvous timeout, lost peer, storage outage, unexpected error); 143 stopped by SIGTERM
+after saving a checkpoint; a worker's own exit code (or 128 + its signal) when it failed otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +26,18 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import torch
+import torch.distributed as dist
+from torch.distributed import TCPStore
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
 from lmforge import exitcodes
+from lmforge.api.manifest import TrainingJob
+from lmforge.data.other_job_data import UnusablePreparedData
+from lmforge.trainer.loop import find_lr, train
+from lmforge.trainer.world import InvalidForThisRun
 
 
 class RendezvousTimeout(Exception):
@@ -89,8 +101,6 @@ def rendezvous_gate(plan: WorldPlan, timeout: float) -> Any:
 
     Returns the store, which node 0 must keep alive while the others may still be reading it.
     """
-    from torch.distributed import TCPStore
-
     endpoint = f"{plan.master_addr}:{plan.master_port}"
     deadline = time.monotonic() + timeout
     try:
@@ -123,8 +133,6 @@ class RunOutcome:
 def _leave_world() -> None:
     """Tear the process group down after the final barrier: at ZeRO 3 a rank that exits with the group
     still up can abort in gloo's destructor and turn a finished run into a failed one."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -132,12 +140,6 @@ def _leave_world() -> None:
 
 def worker_main(manifest_json: str, threads: int | None, mode: str = "train") -> dict[str, Any] | None:
     """Entry point of every trainer process (spawned by torch's elastic agent)."""
-    import logging
-
-    from lmforge.api.manifest import TrainingJob
-    from lmforge.data.other_job_data import UnusablePreparedData
-    from lmforge.trainer.loop import InvalidForThisRun, find_lr, train
-
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # torch.distributed deprecation notices from inside DeepSpeed, once per collective call site.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
@@ -164,11 +166,9 @@ def worker_main(manifest_json: str, threads: int | None, mode: str = "train") ->
 
 
 def launch(
-    manifest: Any, *, processes: int | None = None, threads: int | None = None, mode: str = "train"
+    manifest: TrainingJob, *, processes: int | None = None, threads: int | None = None, mode: str = "train"
 ) -> RunOutcome:
     """Run the manifest's training on this node; returns the exit code for the process."""
-    import torch
-
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     spec = manifest.spec
@@ -197,10 +197,6 @@ def launch(
         except RendezvousTimeout as exc:
             return RunOutcome(exitcodes.RETRYABLE, message=str(exc))
         rdzv_port = plan.master_port + 1
-
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     # shutdown_timeout (how long a failed gang's survivors get to exit) is torch >= 2.12's; older
     # torch (GPU images pin their own) waits its fixed default instead.

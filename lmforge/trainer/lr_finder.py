@@ -7,6 +7,8 @@ test stops early once the smoothed loss exceeds 4x its minimum (divergence).
 Suggestion rule: the learning rate at the minimum of the smoothed loss, divided by 10. At the
 minimum the model is already on the edge of instability; one decade below is the largest rate that
 is reliably still descending, which is what a peak LR for a warm-up + decay schedule should be.
+
+Rank 0 writes ``lr_finder.png`` and ``lr_finder.json`` to the run's output.
 """
 
 from __future__ import annotations
@@ -16,14 +18,22 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from lmforge.api.training import TrainingJobSpec
+from lmforge.data.reader import SampleReader
+from lmforge.data.storage import join_uri, storage_for
+from lmforge.data.tokenize import PreparedData
+from lmforge.trainer.context import WorldContext
 from lmforge.trainer.device import to_device
+from lmforge.trainer.outputs import RunOutputs
 
 SMOOTHING = 0.9
 DIVERGENCE_FACTOR = 4.0
+PLOT = "lr_finder.png"
+RESULT = "lr_finder.json"
 
 
 @dataclass
@@ -68,6 +78,8 @@ def range_test(step: Callable[[float], float], *, min_lr: float, max_lr: float, 
 
 
 def plot(result: RangeTestResult, path: Path) -> None:
+    # Imported here: a backend must be chosen before pyplot is imported, and choosing one when this
+    # module is imported would impose it on every program that imports it.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,18 +102,18 @@ def plot(result: RangeTestResult, path: Path) -> None:
 
 
 def find_learning_rate(
-    spec: Any, prepared: Any, ctx: Any, *, model_factory: Callable[[], torch.nn.Module], device: torch.device
+    spec: TrainingJobSpec,
+    prepared: PreparedData,
+    ctx: WorldContext,
+    *,
+    model_factory: Callable[[], torch.nn.Module],
+    device: torch.device,
 ) -> float:
     """Run the range test on every rank (gradients averaged like data parallel); rank 0 reports.
 
     Uses plain AdamW on a throw-away copy of the model so the real run starts from fresh weights.
     Writes ``lr_finder.png`` and ``lr_finder.json`` to the output and returns the suggestion.
     """
-    import torch.distributed as dist
-
-    from lmforge.data.reader import SampleReader
-    from lmforge.data.storage import join_uri, storage_for
-
     finder = spec.training.lr_finder
     torch.manual_seed(spec.training.seed)
     model = model_factory().to(device)
@@ -143,11 +155,10 @@ def find_learning_rate(
 
     result = range_test(one_step, min_lr=finder.min_lr, max_lr=finder.max_lr, steps=finder.steps)
     if ctx.rank == 0:
-        from lmforge.trainer.loop import _output_dir, _publish
-
-        out = _output_dir(spec.output.uri)
-        plot(result, out / "lr_finder.png")
-        (out / "lr_finder.json").write_text(result.to_json())
-        _publish(storage_for(spec.output.uri, spec.s3), out, spec.output.uri, ["lr_finder.png", "lr_finder.json"])
-        print(f"LR range test: suggested peak lr {result.suggestion:.3g} (plot: {out / 'lr_finder.png'})", flush=True)
+        outputs = RunOutputs(spec)
+        out = outputs.dir
+        plot(result, out / PLOT)
+        (out / RESULT).write_text(result.to_json())
+        outputs.publish([PLOT, RESULT])
+        print(f"LR range test: suggested peak lr {result.suggestion:.3g} (plot: {out / PLOT})", flush=True)
     return result.suggestion

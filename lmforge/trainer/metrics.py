@@ -28,6 +28,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from lmforge import contract
+from lmforge.data.reader import reader_counters
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,6 @@ class TrainerMetrics:
         The reader's counters are cumulative, Prometheus counters only go up: each call adds the
         growth since the previous call.
         """
-        from lmforge.data.reader import reader_counters
-
         counters = reader_counters(reader)
         pairs = {
             "samples_read": self.data_samples,

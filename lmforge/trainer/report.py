@@ -55,6 +55,8 @@ def summarize(records: list[dict[str, Any]]) -> str:
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
+    # Imported here: a backend must be chosen before pyplot is imported, and choosing one when this
+    # module is imported would impose it on every program that imports it.
     import matplotlib
 
     matplotlib.use("Agg")
