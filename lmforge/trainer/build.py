@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from lmforge.api.common import S3Settings
 from lmforge.api.training import TrainingJobSpec
-from lmforge.data.tokenize import PreparedData
+from lmforge.data.preparation import PreparedData
 from lmforge.data.tokenizer import tokenizer_hash
 from lmforge.trainer.export import load_model
 from lmforge.trainer.model import GPT, GPTConfig

@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 
 from lmforge.api.training import TrainingJobSpec
+from lmforge.data.preparation import PreparedData
 from lmforge.data.reader import SampleReader
 from lmforge.data.storage import join_uri, storage_for
-from lmforge.data.tokenize import PreparedData
 from lmforge.trainer.context import WorldContext
 from lmforge.trainer.device import to_device
 from lmforge.trainer.outputs import RunOutputs

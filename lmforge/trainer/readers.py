@@ -17,9 +17,9 @@ from tokenizers import Tokenizer
 from lmforge.api.training import TrainingJobSpec
 from lmforge.data.mixing import MixedReader, mix_by_fraction
 from lmforge.data.other_job_data import open_prepared_split
+from lmforge.data.preparation import PreparedData
 from lmforge.data.reader import SampleReader
 from lmforge.data.storage import Storage, join_uri, storage_for
-from lmforge.data.tokenize import PreparedData
 from lmforge.data.tokenizer import tokenizer_hash
 from lmforge.data.workers import WorkerReader, open_reader
 from lmforge.trainer.context import WorldContext

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from lmforge.api.manifest import TrainingJob
 from lmforge.api.training import TrainingJobSpec
-from lmforge.data.tokenize import PreparedData, prepare_data
+from lmforge.data.preparation import PreparedData, prepare_data
 from lmforge.trainer.context import WorldContext
 from lmforge.trainer.device import rank_device
 from lmforge.trainer.engine import init_distributed
