@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lmforge import __version__, exitcodes
+from lmforge import __version__, contract, exitcodes
 from lmforge.api.errors import Problem
 
 app = typer.Typer(
@@ -194,8 +194,8 @@ def generate(
     from lmforge.trainer.generate import generate as run_generation
 
     directory = _model_dir(model, s3_endpoint)
-    if not (directory / "lmforge_model.json").exists():
-        typer.echo(f"error: {model} is not an exported lmforge model (no lmforge_model.json)", err=True)
+    if not (directory / contract.MODEL_META).exists():
+        typer.echo(f"error: {model} is not an exported lmforge model (no {contract.MODEL_META})", err=True)
         raise typer.Exit(exitcodes.PROBLEMS_FOUND)
     net, tokenizer, _ = load_any(directory)
     ids = tokenizer.encode(prompt).ids
@@ -243,9 +243,9 @@ def report(
         from lmforge.data.storage import local_path
 
         directory = local_path(output) if output.startswith("file://") else Path(output)
-    metrics = directory / "metrics.jsonl"
+    metrics = directory / contract.METRICS_JSONL
     if not metrics.exists():
-        typer.echo(f"error: no metrics.jsonl in {output}; pass the output.uri of a run", err=True)
+        typer.echo(f"error: no {contract.METRICS_JSONL} in {output}; pass the output.uri of a run", err=True)
         raise typer.Exit(exitcodes.PROBLEMS_FOUND)
     records = read_metrics(metrics)
     typer.echo(summarize(records))

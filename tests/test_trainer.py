@@ -233,3 +233,12 @@ def test_lr_auto_runs_the_range_test_and_uses_its_suggestion(tmp_path: Path, cor
     assert json.loads((out / "summary.json").read_text())["peak_lr"] == pytest.approx(suggestion)
     assert (out / "lr_finder.png").stat().st_size > 10_000
     assert "suggested peak lr" in result.stdout
+
+
+def test_lr_find_prints_the_suggestion_it_saves(tmp_path: Path, corpus: Path, prepared: Path) -> None:
+    out = tmp_path / "out"
+    job = tiny_job(out, prepared, corpus, lrFinder={"minLr": 1.0e-5, "maxLr": 1.0, "steps": 20})
+    result = lmforge("lr-find", str(write_job(tmp_path / "job.yaml", job)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    suggestion = json.loads((out / "lr_finder.json").read_text())["suggestion"]
+    assert f"suggested learning rate: {suggestion:.3g}" in result.stdout

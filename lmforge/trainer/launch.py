@@ -231,7 +231,8 @@ def launch(
         return RunOutcome(128 + int(exc.sigval), message=f"stopped by {exc.sigval.name}; workers saved a checkpoint")
     finally:
         del store
-    result = next((value for value in results.values() if value and "steps" in value), None)
+    # Rank 0's report: a run's RunResult, or lr-find's suggestion (the other ranks return None).
+    result = next((value for value in results.values() if value and ("steps" in value or "suggestion" in value)), None)
     gate = next((value["quality_gate"] for value in results.values() if value and value.get("quality_gate")), None)
     if gate:  # continual.maxForgetting: the model and reports are written, the job still fails (not retried)
         return RunOutcome(exitcodes.QUALITY_GATE, result=result, message=gate)
