@@ -118,6 +118,8 @@ def single_process_world() -> Iterator[bool]:
     to the loopback interface on CPU (NCCL on GPU), and ``deepspeed.init_distributed`` as in the
     trainer. On exit: barrier, ``destroy_process_group``, and the environment as it was.
     """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed's import, which picks its accelerator
     import deepspeed
     import deepspeed.comm as ds_dist
     import torch.distributed as dist
@@ -130,8 +132,6 @@ def single_process_world() -> Iterator[bool]:
             )
         yield False
         return
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     backend = "nccl" if on_gpu() else "gloo"
     env = dict(_WORLD_ENV)
     loopback = _loopback_interface()
