@@ -409,7 +409,8 @@ def expand(spec: dict[tuple[str, str], str]) -> set[tuple[str, str, str]]:
     return {(g, r, v) for (g, r), verbs in spec.items() for v in verbs.split()}
 
 
-# What the operator's code calls (lmforge/operator/kube.py, handlers.py, reconcile.py) plus Kopf's
+# What the operator's code calls (lmforge/operator/kube.py, handlers.py, admission.py, context.py and the
+# reconciler's concerns: attempts, preparing, stall, compression) plus Kopf's
 # own needs. tests: test_rbac_is_what_the_operator_uses_against_the_emulator checks it against
 # the requests the real operator makes.
 JOB_RULES = expand(
