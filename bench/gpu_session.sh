@@ -3,8 +3,11 @@
 #   1. bench/gpu_mfu.py: lmforge's tokens/s and MFU against a bare nanoGPT-style loop (bf16);
 #   2. a 2-rank NCCL run of the trainer (examples/quickstart.yaml on 2 processes), where the machine
 #      has 2 GPUs or more (NCCL puts one rank per GPU: a 1-GPU machine cannot run it).
-# Python packages the GPU image lacks travel as wheels in .whl/ (see bench/README of the device tool);
-# logs go to $OUT (or /tmp/gpu-session).
+# Python packages the GPU image lacks (it has torch, not DeepSpeed or pydantic) travel as wheels in
+# an ignored .whl/ folder: the deepspeed wheel pip built here (~/.cache/pip/wheels/**/deepspeed-*.whl)
+# plus `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64
+# -d .whl pydantic pydantic-core annotated-types typing-inspection hjson boto3 botocore s3transfer
+# jmespath zstandard datasketch` (the versions this venv has). Logs go to $OUT (or /tmp/gpu-session).
 #
 #     bash bench/gpu_session.sh
 set -uo pipefail
