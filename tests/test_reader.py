@@ -143,3 +143,18 @@ def test_s3_shards_are_cached_and_verified(
     with pytest.raises(ShardError, match="shard-00004.bin .*corrupt"):
         for _ in range(10):
             fresh.next_batch(10)
+
+
+def test_a_shard_name_that_leaves_the_split_is_refused(split: str, tmp_path: Path) -> None:
+    """index.json is data someone else wrote: a shard named ../x would be read from outside the split."""
+    import json
+
+    from lmforge.data.safe_paths import UnsafeName
+
+    index_path = tmp_path / "train" / "index.json"
+    index = json.loads(index_path.read_text())
+    (tmp_path / "secret.bin").write_bytes((tmp_path / "train" / index["shards"][0]["name"]).read_bytes())
+    index["shards"][0]["name"] = "../secret.bin"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(UnsafeName, match="shard file in .*index.json"):
+        SampleReader(split, LocalStorage(), T, shuffle=False)

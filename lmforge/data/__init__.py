@@ -4,6 +4,7 @@ Storage:
 
 - :mod:`lmforge.data.storage`: one interface over ``file://`` and ``s3://`` (read, write, list, ...).
 - :mod:`lmforge.data.staging`: local copies of remote directories (fetch a model, publish outputs).
+- :mod:`lmforge.data.safe_paths`: local paths from names others chose (keys, shard names), kept inside.
 - :mod:`lmforge.data.retry`: bounded retries with backoff and jitter for object-store reads.
 
 Preparation, what `lmforge prepare` and every training pod's start run:

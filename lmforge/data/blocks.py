@@ -61,6 +61,7 @@ from lmforge.data.retry import (
     VersionMismatch,
     call_with_retries,
 )
+from lmforge.data.safe_paths import check_relative
 from lmforge.data.shards import ShardError
 from lmforge.data.storage import Storage, cache_dir, join_uri, local_path
 from lmforge.data.stream_settings import StreamSettings
@@ -178,7 +179,7 @@ class BlockStore:
 
     def _add_file(self, name: str, size: int, shard: dict[str, Any], prefix: str = "") -> int:
         """Register one file of ``shard`` (its checksums are the entry's ``{prefix}sha256`` etc.)."""
-        uri = join_uri(self.split_uri, name)
+        uri = join_uri(self.split_uri, check_relative(name, what=f"shard file in {self.split_uri}/index.json"))
         whole = size <= self.settings.range_threshold
         # Ranged blocks hold whole tokens (a multiple of 4 bytes), so a block can be viewed as tokens.
         block_size = max(1, size) if whole else max(4, self.settings.range_bytes - self.settings.range_bytes % 4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from lmforge.data.safe_paths import path_under
 from lmforge.data.storage import Storage, cache_dir, join_uri, local_path
 
 
@@ -24,13 +25,18 @@ def local_dir(uri: str, kind: str) -> Path:
 
 
 def fetch(storage: Storage, uri: str, kind: str, target: Path | None = None) -> Path:
-    """Every object under ``uri`` copied to ``target`` (default :func:`local_dir`); same-size files kept."""
+    """Every object under ``uri`` copied to ``target`` (default :func:`local_dir`); same-size files kept.
+
+    Keys that would land outside ``target`` (absolute, ``..``, ``//``) are refused before anything is
+    written: :class:`lmforge.data.safe_paths.UnsafeName`.
+    """
     if uri.startswith("file://"):
         return local_dir(uri, kind)
     target = target or local_dir(uri, kind)
     prefix = uri.rstrip("/") + "/"
-    for item in storage.list(uri):
-        path = target / item[len(prefix) :]
+    what = f"object key under {prefix}"
+    items = [(item, path_under(target, item[len(prefix) :], what=what)) for item in storage.list(uri)]
+    for item, path in items:
         if path.exists() and path.stat().st_size == storage.size(item):
             continue
         path.parent.mkdir(parents=True, exist_ok=True)

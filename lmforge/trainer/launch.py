@@ -36,6 +36,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from lmforge import exitcodes
 from lmforge.api.manifest import TrainingJob
 from lmforge.data.other_job_data import UnusablePreparedData
+from lmforge.data.safe_paths import UnsafeName
 from lmforge.trainer.loop import find_lr, train
 from lmforge.trainer.world import InvalidForThisRun
 
@@ -150,7 +151,7 @@ def worker_main(manifest_json: str, threads: int | None, mode: str = "train") ->
             _leave_world()
             return {"suggestion": suggestion} if int(os.environ.get("RANK", 0)) == 0 else None
         result = train(manifest, threads=threads)
-    except (InvalidForThisRun, UnusablePreparedData) as exc:
+    except (InvalidForThisRun, UnusablePreparedData, UnsafeName) as exc:
         print(f"error: invalid spec: {exc}", file=sys.stderr, flush=True)
         sys.exit(exitcodes.INVALID_SPEC)
     except SystemExit:
