@@ -21,6 +21,8 @@ with it: find the checkpoint to resume from, load it into the engine and the rea
 from __future__ import annotations
 
 import json
+import logging
+import pickle
 import random
 import re
 import shutil
@@ -45,6 +47,8 @@ from lmforge.trainer.readers import Reader
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
+
+log = logging.getLogger(__name__)
 
 COMMIT = "COMMIT"
 LATEST = "latest"
@@ -131,9 +135,18 @@ class CheckpointLocation:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain values only, so that a resume can read them with
+    ``torch.load(weights_only=True)`` (numpy's key array travels as an int64 tensor)."""
+    algorithm, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "algorithm": str(algorithm),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -141,7 +154,11 @@ def rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    keys = saved["keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (saved["algorithm"], keys, saved["position"], saved["has_gauss"], saved["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -154,10 +171,23 @@ def write_rank_rng(staging_tag: Path, rank: int) -> None:
 
 
 def load_rank_rng(staging_tag: Path, rank: int) -> bool:
+    """Restore this rank's RNG states from the checkpoint; False (seeded state kept) when there are none.
+
+    The file comes from object storage, which others may write to: it is read with
+    ``weights_only=True``, which runs no code. A file that needs more than tensors and plain values (a
+    crafted pickle, or an RNG file of an older lmforge that pickled numpy's state) is not restored:
+    the run goes on from its seeded state, with a warning.
+    """
     path = staging_tag / "rng" / f"rank-{rank:05d}.pt"
     if not path.exists():
         return False  # world size grew: new ranks keep their seeded state
-    restore_rng_state(torch.load(path, weights_only=False))
+    try:
+        state = torch.load(path, weights_only=True)
+        restore_rng_state(state)
+    except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        log.warning("RNG state %s not restored (not only tensors and plain values: %s); seeded state kept", path, first)
+        return False
     return True
 
 
