@@ -73,14 +73,6 @@ class RunLayout:
         return under(self.output_uri, METRICS_JSONL)
 
     @property
-    def summary(self) -> str:
-        return under(self.output_uri, SUMMARY_JSON)
-
-    @property
-    def forgetting(self) -> str:
-        return under(self.output_uri, FORGETTING_JSON)
-
-    @property
     def checkpoints(self) -> str:
         return self.checkpoint_uri or under(self.output_uri, CHECKPOINTS_DIR)
 
@@ -101,10 +93,6 @@ class CompressionLayout:
     @property
     def model(self) -> str:
         return under(self.output_uri, MODEL_DIR)
-
-    @property
-    def results(self) -> str:
-        return under(self.output_uri, RESULTS_JSON)
 
     @property
     def report(self) -> str:

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer
 
-from lmforge.contract import DATA_DIR
+from lmforge.contract import RunLayout
 from lmforge.data.cleaning.report import Report
 from lmforge.data.shards import INDEX, ShardWriter, read_index
 from lmforge.data.sources import DocumentReader, Storages, resolve_sources
@@ -187,7 +187,7 @@ def prepare_data(
     Earlier shards whose manifest matches :func:`fingerprint` are reused instead (see the module docstring).
     """
     data = spec.data
-    prepared = data.prepared_uri or join_uri(spec.output.uri, DATA_DIR)
+    prepared = RunLayout(spec.output.uri, prepared_uri=data.prepared_uri).data
     storages = Storages(storage_for, spec.s3)
     storage = storages(prepared)
     wanted = fingerprint(spec)

@@ -58,18 +58,13 @@ from lmforge.data.blocks import BlockStore
 from lmforge.data.cache import BlockCache
 from lmforge.data.order import DEFAULT_WINDOW, SampleOrder
 from lmforge.data.prefetch import Prefetcher, plan_blocks
-from lmforge.data.reader_protocol import BATCH_DTYPE, Reader  # BATCH_DTYPE: importable from here, as before
+from lmforge.data.reader_protocol import BATCH_DTYPE  # BATCH_DTYPE: importable from here, as before
 from lmforge.data.shards import numpy_dtype, read_index
 from lmforge.data.storage import Storage
 from lmforge.data.stream_settings import StreamSettings  # importable from here, as before
 
 IGNORE_INDEX = -100
 _CHUNK_BYTES = 16 << 20  # bytes of int32 batches assembled ahead at most
-
-
-def reader_counters(reader: Reader) -> dict[str, float]:
-    """Cumulative data counters of any reader (a copy of its :meth:`~lmforge.data.reader_protocol.Reader.counters`)."""
-    return dict(reader.counters())
 
 
 class SampleReader:
@@ -368,7 +363,7 @@ class SampleReader:
         read-ahead, in which the order starts on about ``window / span`` new shards, as many as the
         prefetch depth holds by default. Further ahead (into the next epoch, in a fresh order) it would
         only crowd out of a bounded cache what the consumer still needs."""
-        return max(1, min(self.num_samples, self.shuffle_window + self._read_ahead_span(64)))
+        return max(1, self._working_samples())
 
     def _prefetch(self, batch_size: int) -> None:
         """Point the prefetcher at the positions from here on (only when the plan changed)."""

@@ -37,13 +37,13 @@ import torch.distributed as dist
 
 from lmforge import contract
 from lmforge.api.training import TrainingJobSpec
+from lmforge.data.reader_protocol import Reader
 from lmforge.data.staging import fetch, local_dir, publish
 from lmforge.data.storage import Storage, join_uri, storage_for
 from lmforge.trainer.collectives import broadcast
 from lmforge.trainer.context import WorldContext
 from lmforge.trainer.logger import StepLogger
 from lmforge.trainer.outputs import RunOutputs
-from lmforge.trainer.readers import Reader
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -239,11 +239,9 @@ class Checkpointer:
             location.download(resume.tag)
         dist.barrier()
         engine.load_checkpoint(str(location.staging), tag=resume.tag, load_lr_scheduler_states=False)
-        step = int(resume.state["step"])
-        tokens = int(resume.state["tokens"])
         reader.load_state_dict(resume.state["reader"])
         load_rank_rng(location.staging / resume.tag, self.ctx.rank)
-        return step, tokens
+        return resume.step, int(resume.state["tokens"])
 
     def save(
         self, engine: DeepSpeedEngine, reader: Reader, *, step: int, tokens: int, peak_lr: float, logger: StepLogger

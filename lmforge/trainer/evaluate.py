@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lmforge.data.reader_protocol import Reader
 from lmforge.trainer.collectives import mean
 from lmforge.trainer.device import to_device
-from lmforge.trainer.readers import Reader
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine

@@ -20,11 +20,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lmforge import contract
 from lmforge.api.training import TrainingJobSpec
+from lmforge.data.reader_protocol import Reader
 from lmforge.trainer.collectives import mean
 from lmforge.trainer.context import WorldContext
 from lmforge.trainer.metrics import JsonlWriter, TrainerMetrics, peak_flops
 from lmforge.trainer.outputs import RunOutputs
-from lmforge.trainer.readers import Reader
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine

@@ -26,6 +26,7 @@ from lmforge.api.training import TrainingJobSpec
 from lmforge.data.preparation import PreparedData
 from lmforge.data.reader import SampleReader
 from lmforge.data.storage import join_uri, storage_for
+from lmforge.trainer.collectives import mean
 from lmforge.trainer.context import WorldContext
 from lmforge.trainer.device import to_device
 from lmforge.trainer.outputs import RunOutputs
@@ -148,10 +149,7 @@ def find_learning_rate(
         if spec.training.gradient_clipping > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), spec.training.gradient_clipping)
         optimizer.step()
-        value = torch.tensor([float(loss.item())], dtype=torch.float64, device=device)  # NCCL: GPU tensors only
-        if world > 1:
-            dist.all_reduce(value)
-        return float(value.item()) / world
+        return mean(float(loss.item()), world)
 
     result = range_test(one_step, min_lr=finder.min_lr, max_lr=finder.max_lr, steps=finder.steps)
     if ctx.rank == 0:

@@ -28,7 +28,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from lmforge import contract
-from lmforge.data.reader import reader_counters
+from lmforge.data.reader_protocol import Reader
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,14 @@ class TrainerMetrics:
         except OSError as exc:  # a busy port must not kill a training run
             log.warning("metrics endpoint %s:%d not started: %s", address, self.port, exc)
 
-    def observe_data(self, reader: Any) -> dict[str, float]:
-        """Export a reader's cumulative counters (:func:`lmforge.data.reader.reader_counters`); returns
+    def observe_data(self, reader: Reader) -> dict[str, float]:
+        """Export a reader's cumulative counters (:meth:`~lmforge.data.reader_protocol.Reader.counters`); returns
         the metrics.jsonl fields for them.
 
         The reader's counters are cumulative, Prometheus counters only go up: each call adds the
         growth since the previous call.
         """
-        counters = reader_counters(reader)
+        counters = reader.counters()
         pairs = {
             "samples_read": self.data_samples,
             "bytes_read": self.data_bytes,

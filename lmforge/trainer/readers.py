@@ -15,18 +15,16 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from lmforge.api.training import TrainingJobSpec
-from lmforge.data.mixing import MixedReader, mix_by_fraction
+from lmforge.data.mixing import mix_by_fraction
 from lmforge.data.other_job_data import open_prepared_split
 from lmforge.data.preparation import PreparedData
 from lmforge.data.reader import SampleReader
+from lmforge.data.reader_protocol import Reader
 from lmforge.data.storage import Storage, join_uri, storage_for
 from lmforge.data.tokenizer import tokenizer_hash
 from lmforge.data.workers import WorkerReader, open_reader
 from lmforge.trainer.context import WorldContext
 from lmforge.trainer.continual import ContinualRun
-
-Reader = SampleReader | WorkerReader | MixedReader
-"""What the loop reads from: ``next_batch``, ``state_dict``, ``load_state_dict``."""
 
 
 def open_readers(
