@@ -49,6 +49,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "batch/v1/jobs": {"kind": "Job", "namespaced": True, "subresources": ["status"]},
     "events.k8s.io/v1/events": {"kind": "Event", "namespaced": True},
     "apiextensions.k8s.io/v1/customresourcedefinitions": {"kind": "CustomResourceDefinition", "namespaced": False},
+    "networking.k8s.io/v1/networkpolicies": {"kind": "NetworkPolicy", "namespaced": True},
     "scheduling.volcano.sh/v1beta1/podgroups": {"kind": "PodGroup", "namespaced": True},
     f"{API_GROUP}/{API_VERSION}/trainingjobs": {
         "kind": "TrainingJob",

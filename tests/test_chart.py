@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,7 @@ def test_chart_crds_are_the_generated_ones(chart: Any) -> None:
 
 def test_defaults_render_no_monitoring_objects(chart: Any) -> None:
     kinds = sorted(o["kind"] for o in render(chart))
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "NetworkPolicy", "Service", "ServiceAccount"]
 
 
 # Every object against the Kubernetes schemas ----------------------------------------------------
@@ -324,6 +325,9 @@ def test_operator_deployment(chart: Any) -> None:
     assert "--standalone" in args and not any(a.startswith("--namespace") for a in args)
     probe = container["livenessProbe"]["httpGet"]
     assert probe == {"path": "/healthz", "port": "health"}
+    # Readiness: the same endpoint, which Kopf serves only once the operator has started.
+    assert container["readinessProbe"]["httpGet"] == probe
+    assert pod["securityContext"]["runAsUser"] >= 10000 and pod["securityContext"]["runAsGroup"] >= 10000
 
 
 def test_trainer_image_values_reach_the_operator(chart: Any, monkeypatch: Any) -> None:
@@ -357,6 +361,11 @@ def test_trainer_image_values_reach_the_operator(chart: Any, monkeypatch: Any) -
     defaults = trainer_defaults_from_env()
     assert (defaults.image, defaults.pull_policy) == ("registry.local:5000/ml/trainer:2.0-cpu", "Always")
     assert env_of({"trainer": {"image": {"registry": ""}}})["LMFORGE_TRAINER_IMAGE"] == f"lmforge/trainer:{__version__}"
+    digest = "sha256:" + "b" * 64
+    pinned = env_of({"trainer": {"image": {"digest": digest, "tag": "ignored"}}})["LMFORGE_TRAINER_IMAGE"]
+    assert pinned == f"ghcr.io/lmforge/trainer@{digest}"
+    monkeypatch.setenv("LMFORGE_TRAINER_IMAGE", pinned)
+    assert trainer_defaults_from_env().image == pinned
 
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
@@ -425,6 +434,7 @@ JOB_RULES = expand(
         ("", "pods"): "list watch",  # Kopf index
         ("", "pods/log"): "get",  # Kube.pod_log_tail
         ("", "events"): "create",  # kopf.warn
+        ("networking.k8s.io", "networkpolicies"): "get create",  # Kube.ensure: one per job
         ("scheduling.volcano.sh", "podgroups"): "get create",  # Kube.ensure
     }
 )
@@ -451,9 +461,14 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(chart: Any) -> None
     assert rules_of(objects, "ClusterRole") == JOB_RULES | KOPF_SCANNING
     peering = render(
         chart,
-        {"operator": {"peering": {"enabled": True}}, "volcano": {"enabled": False}, "rbac": {"kopfScanning": False}},
+        {
+            "operator": {"peering": {"enabled": True}},
+            "volcano": {"enabled": False},
+            "networkPolicy": {"enabled": False},
+            "rbac": {"kopfScanning": False},
+        },
     )
-    expected = {r for r in JOB_RULES if r[0] != "scheduling.volcano.sh"}
+    expected = {r for r in JOB_RULES if r[0] not in ("scheduling.volcano.sh", "networking.k8s.io")}
     assert rules_of(peering, "ClusterRole") == expected | {("kopf.dev", "clusterkopfpeerings", v) for v in PEERING}
 
 
@@ -472,7 +487,7 @@ def test_namespaced_rbac_grants_jobs_only_in_the_watched_namespaces(chart: Any) 
 
 def test_rbac_can_be_left_to_the_user(chart: Any) -> None:
     objects = render(chart, {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "mine"}})
-    assert {o["kind"] for o in objects} == {"Deployment", "Service"}
+    assert {o["kind"] for o in objects} == {"Deployment", "NetworkPolicy", "Service"}
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "mine"
 
 
@@ -585,9 +600,160 @@ def test_rbac_is_what_the_operator_uses_against_the_emulator(chart: Any) -> None
     assert not missing, f"the operator made calls the chart does not allow: {sorted(missing)}"
     # Granted but not seen here: GET after a 409 on create (operator restarted mid-job) for the
     # Job and PodGroup, which this scenario does not provoke.
-    not_provoked = {("batch", "jobs", "get"), ("scheduling.volcano.sh", "podgroups", "get")}
+    not_provoked = {
+        ("batch", "jobs", "get"),
+        ("scheduling.volcano.sh", "podgroups", "get"),
+        ("networking.k8s.io", "networkpolicies", "get"),
+    }
     unused = granted - used - not_provoked
     assert not unused, f"the chart grants what the operator never used: {sorted(unused)}"
+
+
+# NetworkPolicies and the readiness probe ---------------------------------------------------------
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector with matchLabels only (what lmforge and the chart write) against pod labels."""
+    assert set(selector) <= {"matchLabels"}, selector
+    return set(selector.get("matchLabels", {}).items()) <= set(labels.items())
+
+
+def admits(policy: dict[str, Any], source: tuple[str, dict[str, str]], port: int | str, policy_ns: str) -> bool:
+    """Whether a NetworkPolicy admits a TCP connection from a pod (namespace, labels) to ``port`` of
+    a pod it selects (Kubernetes' rules for podSelector / namespaceSelector peers and ports)."""
+    namespace, labels = source
+    namespace_labels = {"kubernetes.io/metadata.name": namespace}
+    for rule in policy["spec"].get("ingress", []):
+        if "ports" in rule and not any(p.get("port") == port for p in rule["ports"]):
+            continue
+        if "from" not in rule:
+            return True
+        for peer in rule["from"]:
+            in_namespace = (
+                _selects(peer["namespaceSelector"], namespace_labels)
+                if "namespaceSelector" in peer
+                else namespace == policy_ns
+            )
+            if in_namespace and _selects(peer.get("podSelector", {}), labels):
+                return True
+    return False
+
+
+def test_job_network_policy_admits_only_the_job_and_the_scrape(chart: Any, monkeypatch: Any) -> None:
+    """The chart's networkPolicy values reach the operator (env), whose per-job NetworkPolicy lets
+    the job's own pods reach each other on every port, the operator and Prometheus reach only the
+    metrics ports, and nobody else in."""
+    from lmforge.api.loading import load_one
+    from lmforge.operator import children
+    from lmforge.operator.main import trainer_defaults_from_env
+
+    objects = render(chart)
+    deployment = one(objects, "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for key in ("LMFORGE_NETWORK_POLICY", "LMFORGE_NETWORK_POLICY_METRICS_FROM"):
+        monkeypatch.setenv(key, env[key])
+    defaults = trainer_defaults_from_env()
+
+    manifest, problems = load_one(REPO / "examples" / "quickstart.yaml", kind="TrainingJob")
+    assert not problems
+    manifest = manifest.model_copy(update={"metadata": manifest.metadata.model_copy(update={"namespace": "team-a"})})
+    (policy,) = by_kind(children.static_children(manifest, defaults), "NetworkPolicy")
+    kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    attempt = children.training_job(manifest, 1)["spec"]["template"]
+    prepare = children.prepare_job(manifest, 0)["spec"]["template"]
+    for template in (attempt, prepare):  # every pod of the job is covered
+        assert _selects(policy["spec"]["podSelector"], template["metadata"]["labels"])
+
+    own = ("team-a", children.training_job(manifest, 0)["spec"]["template"]["metadata"]["labels"])
+    other_job = ("team-a", {**own[1], children.LABEL_JOB: "someone-else"})
+    same_name_elsewhere = ("team-b", own[1])
+    operator_pod = (NAMESPACE, deployment["spec"]["template"]["metadata"]["labels"])
+    prometheus = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
+    tenant = ("team-a", {"app": "notebook"})
+    metrics = [p["containerPort"] for p in attempt["spec"]["containers"][0]["ports"] if p["name"].startswith("metrics")]
+    assert len(metrics) == manifest.spec.resources.processes
+    rendezvous = [children.MASTER_PORT, children.MASTER_PORT + 1]
+    collective = 40123  # gloo / NCCL pick their own ports between ranks
+    for port in rendezvous + [collective] + metrics:
+        assert admits(policy, own, port, "team-a"), port
+    for port in rendezvous + [collective]:
+        for source in (other_job, same_name_elsewhere, operator_pod, prometheus, tenant):
+            assert not admits(policy, source, port, "team-a"), (source, port)
+    for port in metrics:
+        assert admits(policy, operator_pod, port, "team-a") and admits(policy, prometheus, port, "team-a")
+        for source in (other_job, same_name_elsewhere, tenant):
+            assert not admits(policy, source, port, "team-a"), (source, port)
+
+    # The operator's own pod: its metrics port admits Prometheus only (the kubelet's probes come
+    # from the node, which a NetworkPolicy never blocks).
+    operator_policy = one(objects, "NetworkPolicy")
+    assert _selects(operator_policy["spec"]["podSelector"], operator_pod[1])
+    assert admits(operator_policy, prometheus, "metrics", NAMESPACE)
+    for source in (tenant, own, (NAMESPACE, {"app": "other"})):
+        assert not admits(operator_policy, source, "metrics", NAMESPACE)
+        assert not admits(operator_policy, source, "health", NAMESPACE)
+
+
+def test_network_policy_values(chart: Any, monkeypatch: Any) -> None:
+    from lmforge.api.loading import load_one
+    from lmforge.operator import children
+    from lmforge.operator.main import trainer_defaults_from_env
+
+    manifest, _ = load_one(REPO / "examples" / "compress.yaml", kind="CompressionJob")
+
+    def operator_settings(values: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        objects = render(chart, values)
+        container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        for key in ("LMFORGE_NETWORK_POLICY", "LMFORGE_NETWORK_POLICY_METRICS_FROM"):
+            monkeypatch.delenv(key, raising=False)
+            if key in env:
+                monkeypatch.setenv(key, env[key])
+        job = by_kind(children.static_children(manifest, trainer_defaults_from_env()), "NetworkPolicy")
+        return by_kind(objects, "NetworkPolicy"), job
+
+    chart_policies, job_policies = operator_settings({"networkPolicy": {"enabled": False}})
+    assert chart_policies == [] and job_policies == []
+    scraper = {"ipBlock": {"cidr": "10.1.2.0/24"}}
+    (chart_policy,), (job_policy,) = operator_settings({"networkPolicy": {"metricsScrapers": [scraper]}})
+    assert chart_policy["spec"]["ingress"][0]["from"] == [scraper]
+    assert job_policy["metadata"]["name"] == "gpt-124m-sft-small-compress-ingress"
+    assert job_policy["spec"]["ingress"][1]["from"][1:] == [scraper], "after the operator itself"
+    (chart_policy,), (job_policy,) = operator_settings({"networkPolicy": {"metricsScrapers": []}})
+    assert chart_policy["spec"]["ingress"] == [], "no scraper: nobody reaches the operator's metrics"
+    assert len(job_policy["spec"]["ingress"][1]["from"]) == 1, "the operator still reads progress"
+
+
+@pytest.mark.timeout(60)
+def test_readiness_probe_is_served_by_the_operator(chart: Any) -> None:
+    """The rendered readiness probe (path, named port) reaches the real operator's health server."""
+    import urllib.request
+
+    sys.path.insert(0, str(REPO))
+    from tests.operator_helpers import ClusterThread, OperatorThread
+    from tests.trainer_helpers import free_port
+
+    container = one(render(chart), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    probe = container["readinessProbe"]["httpGet"]
+    (liveness,) = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--liveness=")]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert liveness == f"http://0.0.0.0:{ports[probe['port']]}{probe['path']}"
+    port = free_port()  # the same endpoint on a free loopback port
+    with ClusterThread() as cluster:
+        with OperatorThread(cluster.configuration(), liveness=f"http://127.0.0.1:{port}{probe['path']}"):
+            url = f"http://127.0.0.1:{port}{probe['path']}"
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as response:
+                        assert response.status == 200
+                        assert "jobs" in json.loads(response.read())  # lmforge's @kopf.on.probe
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
 
 
 # Monitoring objects -----------------------------------------------------------------------------
@@ -739,6 +905,9 @@ BAD_VALUES = [
         "/trainer/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'",
     ),
     ({"trainer": {"image": {"tag": "v1 beta"}}}, "/trainer/image/tag'"),
+    ({"trainer": {"image": {"digest": "sha256:short"}}}, "/trainer/image/digest'"),
+    ({"networkPolicy": {"metricsScrapers": [{"podSelectr": {}}]}}, "additional properties 'podSelectr' not allowed"),
+    ({"networkPolicy": {"enabled": "yes"}}, "/networkPolicy/enabled': got string, want boolean"),
     ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0': 'Team_A' does not match pattern"),
     ({"watchNamespaces": "team-a"}, "/watchNamespaces': got string, want array"),
     ({"metrics": {"port": 70000}}, "/metrics/port': maximum: got 70,000, want 65,535"),
@@ -865,7 +1034,9 @@ def test_operator_image_contract() -> None:
     steps = _instructions(REPO / "operator" / "Dockerfile")
     runs = " ".join(arg for op, arg in steps if op == "RUN")
     assert '".[operator]"' in runs and "trainer" not in runs and "torch==" not in runs
-    assert ("USER", "1000:1000") in steps
+    assert ("USER", "10001:10001") in steps
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["podSecurityContext"]["runAsUser"] == values["podSecurityContext"]["runAsGroup"] == 10001
     assert steps[-1] == ("ENTRYPOINT", '["lmforge", "operator"]')
 
 
@@ -879,4 +1050,9 @@ def test_trainer_image_contract() -> None:
     runs = " ".join(arg for op, arg in steps if op == "RUN")
     assert '"/src[trainer]"' in runs
     assert ("USER", f"{children.RUN_AS_USER}:{children.RUN_AS_USER}") in steps
+    assert children.RUN_AS_USER > 10000
+    assert f"--uid {children.RUN_AS_USER} --gid {children.RUN_AS_USER}" in runs
     assert ("ENTRYPOINT", '["lmforge"]') in steps
+    # `docker run` gets the scratch paths the operator sets in pods (all under the writable /tmp).
+    env = dict(pair.split("=", 1) for op, arg in steps if op == "ENV" for pair in arg.split() if "=" in pair)
+    assert {k: env.get(k) for k in children.SCRATCH_ENV} == children.SCRATCH_ENV

@@ -105,6 +105,14 @@ def test_happy_path_creates_children_and_succeeds(api: Api, kubelet: Kubelet, op
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["terminationGracePeriodSeconds"] >= 600
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}} in pod["volumes"]
+    assert pod["automountServiceAccountToken"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    policy = wait_for(
+        lambda: api.get(f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/happy-ingress"),
+        what="NetworkPolicy",
+    )
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
 
     kubelet.start(job)
     wait_phase(api, "happy", "Running")
@@ -226,7 +234,10 @@ def test_prepare_job_runs_before_attempt_0(api: Api, kubelet: Kubelet, operator:
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["volumes"] == [{"name": "config", "configMap": {"name": "prep-config"}}]
+    assert pod["volumes"] == [
+        {"name": "config", "configMap": {"name": "prep-config"}},
+        {"name": "scratch", "emptyDir": {}},  # /tmp on the read-only root: no /dev/shm volume
+    ]
     time.sleep(0.3)  # several supervision steps: no gang while the data is being prepared
     assert api.job(NS, "prep-a0") is None
 
@@ -324,6 +335,7 @@ def test_operator_restart_mid_job_creates_no_duplicates(cluster: ClusterThread, 
         assert [j["metadata"]["name"] for j in api.jobs(NS)] == ["steady-a0"]
         assert len(api.items(f"/api/v1/namespaces/{NS}/configmaps")) == 1
         assert len(api.items(f"/api/v1/namespaces/{NS}/services")) == 1
+        assert len(api.items(f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies")) == 1
         assert phase_of(api, "steady") == "Running"
         kubelet.succeed(api.job(NS, "steady-a0"))
         tj = wait_phase(api, "steady", "Succeeded")
@@ -377,6 +389,7 @@ def test_ttl_deletes_the_finished_job_and_its_children(api: Api, kubelet: Kubele
     assert api.jobs(NS) == [] and api.pods(NS) == []
     assert api.items(f"/api/v1/namespaces/{NS}/configmaps") == []
     assert api.items(f"/api/v1/namespaces/{NS}/services") == []
+    assert api.items(f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies") == []
 
 
 def test_delete_cascades(api: Api, operator: OperatorThread) -> None:

@@ -151,3 +151,75 @@ def test_metrics_ports_per_local_rank() -> None:
     near = children.metrics_ports(children.MASTER_PORT - 1, 4)  # never a second declaration of a rendezvous port
     assert [p["containerPort"] for p in near] == [children.MASTER_PORT - 1, children.MASTER_PORT + 2]
     assert all(len(p["name"]) <= 15 for p in children.metrics_ports(9400, 256)), "IANA_SVC_NAME limit"
+
+
+def _pods_of_every_kind() -> dict[str, dict[str, Any]]:
+    from lmforge.api.loading import load_one
+    from tests.operator_helpers import ROOT
+
+    training = TrainingJob.model_validate(training_job("hard", data={"prepare": {}}))
+    compression, problems = load_one(ROOT / "examples" / "compress.yaml", kind="CompressionJob")
+    assert not problems
+    return {
+        "attempt": children.training_job(training, 0)["spec"]["template"]["spec"],
+        "prepare": children.prepare_job(training, 0)["spec"]["template"]["spec"],
+        "compression": children.compression_job(compression, 0, "s3://m/model")["spec"]["template"]["spec"],
+    }
+
+
+@pytest.mark.parametrize("kind", ["attempt", "prepare", "compression"])
+def test_every_pod_runs_without_token_on_a_read_only_root(kind: str) -> None:
+    """No service-account token, a high UID, a read-only root filesystem, and every place the
+    trainer writes (HOME, TMPDIR, the caches) inside a mounted emptyDir."""
+    pod = _pods_of_every_kind()[kind]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["runAsGroup"] == children.RUN_AS_USER > 10000
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["runAsNonRoot"] is True
+    assert security["runAsUser"] == children.RUN_AS_USER and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]} and security["seccompProfile"] == {"type": "RuntimeDefault"}
+    empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    writable = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in empty_dirs and not m.get("readOnly")]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    for name in children.SCRATCH_ENV:
+        path = env[name]
+        assert any(path == root or path.startswith(root.rstrip("/") + "/") for root in writable), (name, path)
+    assert {v["name"]: v["emptyDir"] for v in pod["volumes"] if v["name"] == children.SCRATCH_VOLUME} == {
+        children.SCRATCH_VOLUME: {}
+    }
+    if kind == "compression":  # the results summary: a file the kubelet mounts writable
+        assert container["terminationMessagePath"] == env["LMFORGE_TERMINATION_LOG"]
+
+
+def test_network_policy_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge.operator.network_policy import NetworkPolicySettings, network_policy_settings_from_env
+
+    for name in ("LMFORGE_NETWORK_POLICY", "LMFORGE_NETWORK_POLICY_METRICS_FROM"):
+        monkeypatch.delenv(name, raising=False)
+    assert network_policy_settings_from_env() == NetworkPolicySettings(enabled=True, metrics_from=None)
+    manifest = TrainingJob.model_validate(training_job("open"))
+    (policy,) = [o for o in children.static_children(manifest) if o["kind"] == "NetworkPolicy"]
+    own, scrape = policy["spec"]["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": children.selector_labels(manifest)}}]}
+    assert "from" not in scrape, "outside the chart the operator's address is unknown: metrics stay open"
+    assert [p["port"] for p in scrape["ports"]] == [manifest.spec.metrics.port]
+
+    monkeypatch.setenv("LMFORGE_NETWORK_POLICY", "false")
+    settings = network_policy_settings_from_env()
+    assert [
+        o["kind"] for o in children.static_children(manifest, children.TrainerDefaults(network_policy=settings))
+    ] == [
+        "ConfigMap",
+        "Service",
+    ]
+    monkeypatch.setenv("LMFORGE_NETWORK_POLICY", "maybe")
+    with pytest.raises(SystemExit, match="LMFORGE_NETWORK_POLICY='maybe' is neither true nor false.*networkPolicy"):
+        network_policy_settings_from_env()
+    monkeypatch.setenv("LMFORGE_NETWORK_POLICY", "true")
+    monkeypatch.setenv("LMFORGE_NETWORK_POLICY_METRICS_FROM", "[{not json")
+    with pytest.raises(SystemExit, match="LMFORGE_NETWORK_POLICY_METRICS_FROM is not JSON.*metricsScrapers"):
+        network_policy_settings_from_env()
+    monkeypatch.setenv("LMFORGE_NETWORK_POLICY_METRICS_FROM", '{"podSelector": {}}')
+    with pytest.raises(SystemExit, match="must be a JSON list of NetworkPolicyPeer objects"):
+        network_policy_settings_from_env()

@@ -49,17 +49,25 @@ def describe_problems(problems: list[Problem]) -> str:
     return "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in problems)
 
 
-def ensure_static_children(kube: Kube, manifest: Manifest, owner: Any) -> None:
-    """ConfigMap (kept equal to the spec), headless Service and PodGroup; existing ones are reused."""
+def ensure_static_children(
+    kube: Kube, manifest: Manifest, owner: Any, defaults: children.TrainerDefaults | None = None
+) -> None:
+    """ConfigMap (kept equal to the spec), headless Service, NetworkPolicy and PodGroup; existing ones are reused."""
     namespace = manifest.metadata.namespace or "default"
-    for obj in children.static_children(manifest):
+    for obj in children.static_children(manifest, defaults):
         kopf.adopt(obj, owner=owner)
         current, created = kube.ensure(obj, namespace)
         if not created and obj["kind"] == "ConfigMap" and current.get("data") != obj["data"]:
             kube.patch("v1", "ConfigMap", namespace, obj["metadata"]["name"], {"data": obj["data"]})
 
 
-def admit(kube: Kube, body: dict[str, Any], manifest: Manifest | None, problems: list[Problem]) -> dict[str, Any]:
+def admit(
+    kube: Kube,
+    body: dict[str, Any],
+    manifest: Manifest | None,
+    problems: list[Problem],
+    defaults: children.TrainerDefaults | None = None,
+) -> dict[str, Any]:
     """Admit the spec in ``body``; returns the status to continue from (not yet written).
 
     Blocking (API calls): the supervisor runs it in a worker thread.
@@ -84,7 +92,7 @@ def admit(kube: Kube, body: dict[str, Any], manifest: Manifest | None, problems:
                 pass
             log.warning("%s %s: invalid spec: %s", kind, body["metadata"].get("name"), message)
         return status.to_manifest()
-    ensure_static_children(kube, manifest, body)
+    ensure_static_children(kube, manifest, body, defaults)
     cond = get_condition(status, "InvalidSpec")
     if cond is not None and cond.status == "True":
         set_condition(status, "InvalidSpec", False, "Valid", "the spec is valid")

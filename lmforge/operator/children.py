@@ -12,13 +12,14 @@ creating duplicates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from lmforge.api.common import DEFAULT_PULL_POLICY, DEFAULT_TRAINER_IMAGE, Resources, Scheduling
 from lmforge.api.manifest import CompressionJob, TrainingJob
+from lmforge.operator.network_policy import NetworkPolicySettings, job_network_policy
 from lmforge.termination import TERMINATION_LOG_ENV, TERMINATION_LOG_PATH
 
 LABEL_JOB = "lmforge.dev/job"
@@ -39,7 +40,32 @@ MASTER_PORT = 29500
 """Rendezvous gate; torch's elastic rendezvous uses MASTER_PORT + 1."""
 TERMINATION_GRACE_SECONDS = 660
 """The trainer checkpoints on SIGTERM within LMFORGE_SHUTDOWN_TIMEOUT (600 s); a minute more."""
-RUN_AS_USER = 1000
+RUN_AS_USER = 10001
+"""UID and GID of every container the operator starts (trainer/Dockerfile creates this user).
+Above 10000, so it is no user of a typical node: a process that escapes the container owns no
+node account's files (what security scanners such as checkov's CKV_K8S_40 ask for)."""
+SCRATCH_VOLUME = "scratch"
+SCRATCH_DIR = "/tmp"
+"""The pod's writable directory (an emptyDir) on a read-only root filesystem. Everything the pods
+write locally lands here: see :data:`SCRATCH_ENV`."""
+SCRATCH_ENV = {
+    # tempfile.gettempdir(): lmforge's staging and block caches (lmforge.data.storage.cache_dir:
+    # checkpoints, outputs, fetched models, shards), `lmforge prepare`'s and `compress`'s temporary
+    # directories, torch elastic's per-run log directories, torch inductor's cache.
+    "TMPDIR": SCRATCH_DIR,
+    # ~: anything that falls back to the home directory (CUDA's JIT cache ~/.nv, Triton's ~/.triton).
+    "HOME": SCRATCH_DIR,
+    "XDG_CACHE_HOME": f"{SCRATCH_DIR}/.cache",
+    # DeepSpeed JIT-compiles its ops (CPU shared-memory collectives, FusedAdam) on first use.
+    "TORCH_EXTENSIONS_DIR": f"{SCRATCH_DIR}/.cache/torch_extensions",
+    "TRITON_CACHE_DIR": f"{SCRATCH_DIR}/.cache/triton",
+    "HF_HOME": f"{SCRATCH_DIR}/.cache/huggingface",
+    # The training report's plots (lmforge.trainer.report): matplotlib's font cache.
+    "MPLCONFIGDIR": f"{SCRATCH_DIR}/.config/matplotlib",
+}
+"""Where the trainer, DeepSpeed, torch, Triton, Hugging Face and matplotlib write, all inside the
+scratch emptyDir. Not covered here: /dev/shm (its own in-memory emptyDir) and the termination
+message file (the kubelet mounts it writable at ``terminationMessagePath``)."""
 METRICS_PORTS_MAX = 32
 """Local ranks per pod whose metrics ports are declared (and so scraped by the PodMonitor); ranks
 beyond it still serve metrics, but only on undeclared ports. 32 covers every GPU node (≤ 16 GPUs)
@@ -52,12 +78,14 @@ PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 @dataclass(frozen=True)
 class TrainerDefaults:
-    """What the operator fills in where a job's spec.resources leaves the image unset: the
-    cluster's registry and tag belong to the installation (the Helm chart's trainer.image), not
-    to every manifest."""
+    """What the installation decides for every job's pods: the image where a job's
+    spec.resources leaves it unset (the cluster's registry and tag belong to the installation, the
+    Helm chart's trainer.image, not to every manifest) and the jobs' NetworkPolicy (the chart's
+    networkPolicy values)."""
 
     image: str = DEFAULT_TRAINER_IMAGE
     pull_policy: str = DEFAULT_PULL_POLICY
+    network_policy: NetworkPolicySettings = field(default_factory=NetworkPolicySettings)
 
 
 def with_defaults(manifest: Manifest, defaults: TrainerDefaults) -> Manifest:
@@ -89,6 +117,12 @@ def service_name(job: str) -> str:
 
 def attempt_job_name(job: str, attempt: int) -> str:
     return f"{job}-a{attempt}"
+
+
+def network_policy_name(manifest: Manifest) -> str:
+    """``<job>-ingress`` / ``<job>-compress-ingress``: a TrainingJob and a CompressionJob may share a name."""
+    suffix = "ingress" if isinstance(manifest, TrainingJob) else "compress-ingress"
+    return f"{manifest.metadata.name}-{suffix}"
 
 
 def prepare_job_name(job: str, try_: int) -> str:
@@ -161,6 +195,13 @@ def pod_group(manifest: Manifest) -> dict[str, Any] | None:
     }
 
 
+def network_policy(manifest: Manifest, settings: NetworkPolicySettings) -> dict[str, Any] | None:
+    """Ingress to every pod of the job: from its own pods, and the scrape to its metrics ports
+    (:mod:`lmforge.operator.network_policy`)."""
+    ports = [p["containerPort"] for p in metrics_ports(manifest.spec.metrics.port, manifest.spec.resources.processes)]
+    return job_network_policy(network_policy_name(manifest), selector_labels(manifest), ports, settings)
+
+
 def _resources(res: Resources) -> dict[str, Any]:
     amounts: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
     if res.gpus_per_node:
@@ -201,7 +242,7 @@ def _env(manifest: Manifest, attempt: int) -> list[dict[str, Any]]:
         {"name": "LMFORGE_METRICS_ADDR", "value": "0.0.0.0"},
         {"name": "LMFORGE_ATTEMPT", "value": str(attempt)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": "HOME", "value": "/tmp"},
+        *({"name": key, "value": value} for key, value in SCRATCH_ENV.items()),
     ]
     if res.gpus_per_node == 0:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
@@ -229,10 +270,14 @@ def _pod_spec(manifest: Manifest, attempt: int, command: list[str]) -> dict[str,
         "resources": _resources(res),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": SCRATCH_VOLUME, "mountPath": SCRATCH_DIR},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
         "securityContext": {
             "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "readOnlyRootFilesystem": True,
             "allowPrivilegeEscalation": False,
             "privileged": False,
             "capabilities": {"drop": ["ALL"]},
@@ -242,6 +287,9 @@ def _pod_spec(manifest: Manifest, attempt: int, command: list[str]) -> dict[str,
     spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        # The trainer never calls the Kubernetes API: no token for a user's code (or a crafted
+        # model) to find in the pod.
+        "automountServiceAccountToken": False,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS_USER,
@@ -252,6 +300,9 @@ def _pod_spec(manifest: Manifest, attempt: int, command: list[str]) -> dict[str,
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(manifest.metadata.name)}},
+            # Node disk, bounded by the node's ephemeral storage like the container layer it
+            # replaces (checkpoint staging can be tens of GiB: no fixed sizeLimit).
+            {"name": SCRATCH_VOLUME, "emptyDir": {}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shared_memory}},
         ],
     }
@@ -325,11 +376,12 @@ def prepare_job(manifest: TrainingJob, try_: int) -> dict[str, Any]:
     container = pod_spec["containers"][0]
     amounts = {"cpu": res.cpu, "memory": res.memory}
     container["resources"] = {"requests": dict(amounts), "limits": dict(amounts)}
-    keep = {"PYTHONUNBUFFERED", "HOME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    keep = {"PYTHONUNBUFFERED", *SCRATCH_ENV, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     container["env"] = [e for e in container["env"] if e["name"] in keep]
     del container["ports"]
-    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] == "config"]
-    pod_spec["volumes"] = [v for v in pod_spec["volumes"] if v["name"] == "config"]
+    volumes = {"config", SCRATCH_VOLUME}
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] in volumes]
+    pod_spec["volumes"] = [v for v in pod_spec["volumes"] if v["name"] in volumes]
     pod_spec.pop("terminationGracePeriodSeconds", None)
     pod_spec.pop("schedulerName", None)
     return {
@@ -381,11 +433,15 @@ def attempt_job_name_for(manifest: Manifest, attempt: int) -> str:
     return compression_job_name(manifest.metadata.name, attempt)
 
 
-def static_children(manifest: Manifest) -> list[dict[str, Any]]:
-    """What exists for the whole life of the job, independent of attempts."""
+def static_children(manifest: Manifest, defaults: TrainerDefaults | None = None) -> list[dict[str, Any]]:
+    """What exists for the whole life of the job, independent of attempts. The NetworkPolicy comes
+    before any pod does, so no pod of the job is ever reachable from outside it."""
     objs = [config_map(manifest)]
     if isinstance(manifest, TrainingJob):
         objs.append(headless_service(manifest))
+    policy = network_policy(manifest, (defaults or TrainerDefaults()).network_policy)
+    if policy is not None:
+        objs.append(policy)
     group = pod_group(manifest)
     if group is not None:
         objs.append(group)

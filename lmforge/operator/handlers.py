@@ -158,7 +158,9 @@ async def supervise(
                     manifest, problems = validate(snapshot)
                     if manifest is not None:
                         manifest = children.with_defaults(manifest, config.trainer)
-                    snapshot["status"] = await asyncio.to_thread(admit, kube, snapshot, manifest, problems)
+                    snapshot["status"] = await asyncio.to_thread(
+                        admit, kube, snapshot, manifest, problems, config.trainer
+                    )
                 else:
                     manifest = admitted[1]
                 delete = False

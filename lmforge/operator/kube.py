@@ -23,6 +23,7 @@ _PATHS = {
     ("v1", "Service"): ("/api/v1", "services"),
     ("v1", "Pod"): ("/api/v1", "pods"),
     ("batch/v1", "Job"): ("/apis/batch/v1", "jobs"),
+    ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
     ("scheduling.volcano.sh/v1beta1", "PodGroup"): ("/apis/scheduling.volcano.sh/v1beta1", "podgroups"),
     (f"{API_GROUP}/{API_VERSION}", "TrainingJob"): (f"/apis/{API_GROUP}/{API_VERSION}", "trainingjobs"),
     (f"{API_GROUP}/{API_VERSION}", "CompressionJob"): (f"/apis/{API_GROUP}/{API_VERSION}", "compressionjobs"),

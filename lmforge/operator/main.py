@@ -20,6 +20,7 @@ from lmforge.api.common import DEFAULT_PULL_POLICY, DEFAULT_TRAINER_IMAGE
 from lmforge.operator import metrics
 from lmforge.operator.children import PULL_POLICIES, TrainerDefaults
 from lmforge.operator.kube import Kube
+from lmforge.operator.network_policy import network_policy_settings_from_env
 
 NAMESPACES_ENV = "LMFORGE_NAMESPACES"
 TRAINER_IMAGE_ENV = "LMFORGE_TRAINER_IMAGE"
@@ -28,7 +29,8 @@ TRAINER_PULL_POLICY_ENV = "LMFORGE_TRAINER_IMAGE_PULL_POLICY"
 
 
 def trainer_defaults_from_env() -> TrainerDefaults:
-    """The trainer image defaults from the environment; a bad value stops the operator with a message."""
+    """The trainer pods' image defaults and NetworkPolicy settings from the environment; a bad value
+    stops the operator with a message."""
     image = os.environ.get(TRAINER_IMAGE_ENV, "").strip() or DEFAULT_TRAINER_IMAGE
     policy = os.environ.get(TRAINER_PULL_POLICY_ENV, "").strip() or DEFAULT_PULL_POLICY
     if policy not in PULL_POLICIES:
@@ -38,7 +40,7 @@ def trainer_defaults_from_env() -> TrainerDefaults:
         )
     if any(c.isspace() for c in image):
         raise SystemExit(f"{TRAINER_IMAGE_ENV}={image!r} is not an image reference (Helm value trainer.image)")
-    return TrainerDefaults(image=image, pull_policy=policy)
+    return TrainerDefaults(image=image, pull_policy=policy, network_policy=network_policy_settings_from_env())
 
 
 @dataclass

@@ -94,14 +94,35 @@ Operator image reference: registry/repository, then @digest or :tag (default app
 {{- end -}}
 
 {{/*
-Trainer image of jobs that leave spec.resources.image unset (the operator's LMFORGE_TRAINER_IMAGE).
+Trainer image of jobs that leave spec.resources.image unset (the operator's LMFORGE_TRAINER_IMAGE):
+registry/repository, then @digest or :tag (default appVersion).
 */}}
 {{- define "lmforge.trainerImage" -}}
 {{- $repo := .Values.trainer.image.repository -}}
 {{- if .Values.trainer.image.registry -}}
 {{- $repo = printf "%s/%s" .Values.trainer.image.registry .Values.trainer.image.repository -}}
 {{- end -}}
+{{- if .Values.trainer.image.digest -}}
+{{- printf "%s@%s" $repo .Values.trainer.image.digest -}}
+{{- else -}}
 {{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.trainer.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The operator pod as a NetworkPolicyPeer (it reads rank 0's /metrics for a job's progress).
+*/}}
+{{- define "lmforge.operatorPeer" -}}
+{{- $labels := merge (include "lmforge.selectorLabels" . | fromYaml) (dict "app.kubernetes.io/component" "operator") -}}
+{{- dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" (include "lmforge.namespace" .))) "podSelector" (dict "matchLabels" $labels) | toJson -}}
+{{- end -}}
+
+{{/*
+Who may reach the trainer pods' metrics ports (JSON, LMFORGE_NETWORK_POLICY_METRICS_FROM): the
+operator, then networkPolicy.metricsScrapers.
+*/}}
+{{- define "lmforge.metricsFrom" -}}
+{{- prepend .Values.networkPolicy.metricsScrapers (include "lmforge.operatorPeer" . | fromJson) | toJson -}}
 {{- end -}}
 
 {{/*
@@ -159,6 +180,13 @@ comments). Used by the ClusterRole when every namespace is watched, else by one 
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.networkPolicy.enabled }}
+# One NetworkPolicy per job (its pods admit only the job's own pods and the scrape), created or
+# read back when it exists; it goes with its job.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create"]
+{{- end }}
 {{- if .Values.volcano.enabled }}
 # Gang scheduling: one Volcano PodGroup per job with spec.scheduling.gang.
 - apiGroups: ["scheduling.volcano.sh"]
