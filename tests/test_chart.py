@@ -576,13 +576,30 @@ def test_rbac_is_what_the_operator_uses_against_the_emulator(chart: Any) -> None
             kubelet.succeed(api.job(ns, "shrink-compress-a0"))
             wait_for(lambda: api.tj(ns, "shrink", "compressionjobs") is None, what="CompressionJob TTL deletion")
 
-            # A CompressionJob of another job's model reads that TrainingJob (here: not there yet).
-            waiting = {**cj, "metadata": {"name": "of-job", "namespace": ns}}
-            waiting["spec"] = {**cj["spec"], "model": {"trainingJob": "not-yet"}}
-            api.create_tj(waiting, kind="compressionjobs")
+            # A CompressionJob of a TrainingJob's model (examples/compress.yaml) reads that job:
+            # it waits while the TrainingJob runs, then compresses its model to Succeeded.
+            api.create_tj(training_job("base", ns))
+            of_job = {**cj, "metadata": {"name": "of-job", "namespace": ns}}
+            of_job["spec"] = {**cj["spec"], "model": {"trainingJob": "base"}, "runPolicy": {}}
+            api.create_tj(of_job, kind="compressionjobs")
             wait_for(
-                lambda: ((api.tj(ns, "of-job", "compressionjobs") or {}).get("status") or {}).get("phase") == "Pending",
+                lambda: (
+                    "waiting for it to succeed"
+                    in (((api.tj(ns, "of-job", "compressionjobs") or {}).get("status") or {}).get("message") or "")
+                ),
                 what="CompressionJob waiting for its TrainingJob",
+            )
+            job = wait_for(lambda: api.job(ns, "base-a0"), what="base-a0")
+            kubelet.start(job)
+            kubelet.succeed(api.job(ns, "base-a0"))
+            job = wait_for(lambda: api.job(ns, "of-job-compress-a0"), what="compression Job of the TrainingJob")
+            env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+            assert env["LMFORGE_SOURCE_MODEL_URI"] == "s3://runs/base/model"
+            kubelet.start(job)
+            kubelet.succeed(api.job(ns, "of-job-compress-a0"))
+            wait_for(
+                lambda: ((api.tj(ns, "of-job", "compressionjobs") or {}).get("status") or {}).get("phase") == "Succeeded",
+                what="CompressionJob of the TrainingJob Succeeded",
             )
         served = cluster.call(lambda c: list(c.served))
 
