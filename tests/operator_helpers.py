@@ -69,6 +69,8 @@ RESOURCES: dict[str, dict[str, Any]] = {
 TEST_AGENT = "lmforge-tests"
 """User agent of the test's own client, so that the operator's requests can be counted apart."""
 VERBS = ["get", "list", "watch", "create", "patch", "update", "delete"]
+API_REQUEST_MAX_BYTES = 3 * 1024 * 1024
+"""The API server's request body limit."""
 
 
 _parse_path = parsing.parse_path
@@ -125,8 +127,15 @@ class Cluster(kmock.KubernetesEmulator):
         """(method, path, user agent) of every request: kmock's own history is trimmed, see _handle."""
         self._requests = _OnlyTheRequestBeingServed()
         self.logs: dict[tuple[str, str], str] = {}
+        self.log_requests: list[dict[str, str]] = []
+        """Query parameters of every pod log request."""
         for key, info in RESOURCES.items():
             self.resources[key] = kmock.ResourceInfo(verbs=VERBS, **info)
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """Requests up to the API server's 3 MiB (aiohttp refuses over 1 MiB by default)."""
+        raw_request._client_max_size = API_REQUEST_MAX_BYTES
+        return await super().__call__(raw_request)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         self.served.append((str(request.method), str(request.url.path), request.headers.get("User-Agent", "")))
@@ -135,8 +144,8 @@ class Cluster(kmock.KubernetesEmulator):
 
     async def _handle_tracked(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None and request.subresource == "log" and request.name:
-            text = self.logs.get((request.namespace or "", request.name), "")
-            return aiohttp.web.Response(text=text, content_type="text/plain")
+            return self._serve_log(request)
+        self._check_uid_precondition(request)
         if request.resource is not None and request.action in (enums.action.CREATE, enums.action.UPDATE):
             self._stamp(request)
         deleted_uid = None
@@ -154,6 +163,45 @@ class Cluster(kmock.KubernetesEmulator):
         if deleted_uid and self._find(request) is None:
             await self._collect_garbage(deleted_uid)
         return response
+
+    def _check_uid_precondition(self, request: kmock.Request) -> None:
+        """As the API server: a DELETE whose preconditions.uid, or a PATCH whose metadata.uid, is
+        not the stored object's uid is refused (409), and the object stays as it is."""
+        if request.resource is None or not request.name or not isinstance(request.data, dict):
+            return
+        if request.action == enums.action.DELETE:
+            wanted = (request.data.get("preconditions") or {}).get("uid")
+        elif request.action == enums.action.UPDATE:
+            wanted = (request.data.get("metadata") or {}).get("uid")
+        else:
+            return
+        current = self._find(request)
+        if wanted and current is not None and current.get("metadata", {}).get("uid") != wanted:
+            raise kmock.KubernetesError(
+                status=409, reason="Conflict", message=f"Precondition failed: UID in precondition: {wanted}"
+            )
+
+    def _serve_log(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """As the API server: the last ``tailLines`` lines, cut after ``limitBytes`` bytes (ASCII
+        logs: characters are bytes). Slices only what it sends, so that serving a 10 MiB line
+        with a limit costs the emulator no more than the limit."""
+        text = self.logs.get((request.namespace or "", request.name or ""), "")
+        start = 0
+        tail = request.params.get("tailLines", "")
+        if tail.isdigit():
+            start = len(text)
+            end = len(text) - 1 if text.endswith("\n") else len(text)
+            for _ in range(int(tail)):
+                start = text.rfind("\n", 0, end) + 1
+                end = start - 1
+                if start == 0:
+                    break
+        stop = len(text)
+        limit = request.params.get("limitBytes", "")
+        if limit.isdigit():
+            stop = min(stop, start + int(limit))
+        self.log_requests.append(dict(request.params))
+        return aiohttp.web.Response(body=text[start:stop].encode(), content_type="text/plain")
 
     def _next_version(self) -> str:
         self._version += 1

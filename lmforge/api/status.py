@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, PlainSerializer
 
 from lmforge.api.base import StatusModel, describe
+from lmforge.api.bounds import cut_log_tail, cut_message, cut_reason
 
 TrainingPhase = Literal["Pending", "Preparing", "Running", "Restarting", "Suspended", "Stalled", "Succeeded", "Failed"]
 CompressionPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
+
+# Text the operator copies from what a user or a pod controls (messages quoting spec values,
+# pod reasons, log tails) is bounded when read and when written, whichever code assigned it
+# (see lmforge.api.bounds): the status stays far below the API server's object size limit.
+Message = Annotated[str, AfterValidator(cut_message), PlainSerializer(cut_message, return_type=str)]
+Reason = Annotated[str, AfterValidator(cut_reason), PlainSerializer(cut_reason, return_type=str)]
+LogTail = Annotated[str, AfterValidator(cut_log_tail), PlainSerializer(cut_log_tail, return_type=str)]
 
 
 class Condition(StatusModel):
@@ -16,8 +26,8 @@ class Condition(StatusModel):
 
     type: str = describe("Condition type.")
     status: Literal["True", "False", "Unknown"] = describe("True, False or Unknown.")
-    reason: str | None = describe("One-word CamelCase reason.", default=None)
-    message: str | None = describe("Human-readable explanation, including how to fix it.", default=None)
+    reason: Reason | None = describe("One-word CamelCase reason.", default=None)
+    message: Message | None = describe("Human-readable explanation, including how to fix it.", default=None)
     last_transition_time: datetime | None = describe("When status last changed.", default=None)
     last_update_time: datetime | None = describe("When the condition was last written.", default=None)
 
@@ -32,12 +42,12 @@ class Attempt(StatusModel):
     failed_pod: str | None = describe("Pod that failed first.", default=None)
     failed_rank: int | None = describe("Node rank of that pod.", default=None)
     node: str | None = describe("Kubernetes node it ran on.", default=None)
-    reason: str | None = describe(
+    reason: Reason | None = describe(
         "Why it ended: Completed, Error, OOMKilled, Evicted, NodeLost, Stalled, Suspended, ...",
         default=None,
     )
     retryable: bool | None = describe("Whether the failure allowed a restart.", default=None)
-    log_tail: str | None = describe("Last log lines of the failed rank.", default=None)
+    log_tail: LogTail | None = describe("Last log lines of the failed rank.", default=None)
 
 
 class Progress(StatusModel):
@@ -52,6 +62,12 @@ class Progress(StatusModel):
     tokens_per_second: float | None = describe("Throughput across all ranks.", default=None)
     eta_seconds: float | None = describe("Estimated seconds to finish.", default=None)
     updated_at: datetime | None = describe("When this was read.", default=None)
+    message: Message | None = describe(
+        "What the values above leave out: a value rank 0 reported that is not a number the status holds "
+        "(e.g. loss is not finite (+Inf): the training diverged; the stall clock still follows the step), "
+        "or why the last read failed (progress unavailable: metrics body over 1 MiB).",
+        default=None,
+    )
     last_progress_time: datetime | None = describe(
         "When the step last advanced (or the attempt started running, before any step was reported): "
         "the stall clock of runPolicy.stallTimeoutSeconds, kept here so an operator restart does not reset it.",
@@ -85,7 +101,7 @@ class JobStatusBase(StatusModel):
     start_time: datetime | None = describe("When the job started.", default=None)
     completion_time: datetime | None = describe("When it succeeded or failed.", default=None)
     outputs: Outputs | None = describe("Output locations.", default=None)
-    message: str | None = describe("Short summary of the current phase.", default=None)
+    message: Message | None = describe("Short summary of the current phase.", default=None)
 
 
 class TrainingJobStatus(JobStatusBase):

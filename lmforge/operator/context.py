@@ -9,6 +9,7 @@ step and calls them in order.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import time
@@ -22,7 +23,8 @@ from lmforge.api.manifest import TrainingJob
 from lmforge.operator import children, metrics
 from lmforge.operator.children import Manifest
 from lmforge.operator.kube import Kube
-from lmforge.operator.status import load_status, now, set_phase
+from lmforge.operator.ownership import NAME_CONFLICT, ChildLeftover, ForeignObject, controller_of, owned_by
+from lmforge.operator.status import load_status, now, set_condition, set_phase
 
 if TYPE_CHECKING:
     from lmforge.operator.compression import SourceModel
@@ -76,7 +78,8 @@ class StepContext:
 
     def __init__(self, kube: Kube, observed: Observed, memory: JobMemory, options: Options) -> None:
         self.kube = kube
-        self.observed = observed
+        self.uid: str | None = (observed.body.get("metadata") or {}).get("uid")
+        self.observed = self.owned_only(observed, memory)
         self.manifest = observed.manifest
         self.memory = memory
         self.options = options
@@ -88,6 +91,19 @@ class StepContext:
         """Whether the supervisor is to delete the job (its ttlSecondsAfterFinished has passed)."""
         self.source_model: SourceModel | None = None
         """What :func:`lmforge.operator.compression.source_model` resolved in this step (None: not yet)."""
+
+    def owned_only(self, observed: Observed, memory: JobMemory) -> Observed:
+        """``observed`` with only the Jobs this job controls and the pods those Jobs control.
+
+        The indices select children by label, and anyone who may create a Job or a pod can copy
+        the labels: a foreign Job or pod must not be supervised, classified nor scraped as ours.
+        """
+        jobs = {name: job for name, job in observed.jobs.items() if owned_by(job, self.uid)}
+        job_uids = {(job.get("metadata") or {}).get("uid") for job in jobs.values()}
+        job_uids |= {(created.get("metadata") or {}).get("uid") for _, created in memory.created.values()}
+        job_uids.discard(None)
+        pods = [pod for pod in observed.pods if (controller_of(pod) or {}).get("uid") in job_uids]
+        return dataclasses.replace(observed, jobs=jobs, pods=pods)
 
     @property
     def now(self) -> datetime.datetime:
@@ -132,14 +148,46 @@ class StepContext:
         return created if time.monotonic() - when < CREATED_TRUST else None
 
     def ensure_job(self, wanted: dict[str, Any]) -> dict[str, Any]:
-        """Create (or adopt an existing) child Job and remember it until the index shows it."""
+        """Create (or find our own existing) child Job and remember it until the index shows it.
+
+        An existing Job with its name that this job does not control raises ForeignObject
+        (:meth:`refuse_foreign` gives the verdict): it is never adopted.
+        """
         kopf.adopt(wanted, owner=self.observed.body)
-        job, _ = self.kube.ensure(wanted, self.namespace)
+        job, _ = self.kube.ensure(wanted, self.namespace, self.observed.body)
         self.memory.created[wanted["metadata"]["name"]] = (time.monotonic(), job)
         return job
 
     def delete_job(self, name: str) -> None:
-        self.kube.delete("batch/v1", "Job", self.namespace, name)
+        """Delete child Job ``name`` only if it is ours, and only the one we saw as ours (its uid):
+        a Job with that name that this job does not control is left alone."""
+        job = self.known_job(name)
+        if job is None:
+            job = self.kube.get("batch/v1", "Job", self.namespace, name)
+        if job is None or not owned_by(job, self.uid):
+            return
+        self.kube.delete("batch/v1", "Job", self.namespace, name, uid=(job.get("metadata") or {}).get("uid"))
+        self.memory.created.pop(name, None)
 
     def stop_attempt_job(self, index: int) -> None:
         self.delete_job(self.attempt_job_name(index))
+
+    def refuse_foreign(self, conflict: ForeignObject) -> None:
+        """The verdict on a child name taken by an object this job does not own: Failed with reason
+        NameConflict (a condition and a Warning event naming the object); the object is not touched.
+
+        Failed rather than Pending: a job's name (hence its children's) cannot change, and
+        nothing the operator may do frees the name, so waiting would keep the job Pending
+        without end, holding its place in a queue, for a cause a user has to act on.
+        """
+        current = self.status.attempts[-1] if self.status.attempts else None
+        if current is not None and current.end_time is None:
+            current.end_time, current.reason, current.retryable = self.now, NAME_CONFLICT, False
+        set_condition(self.status, NAME_CONFLICT, True, NAME_CONFLICT, conflict.message, self.now)
+        if self.status.phase != "Failed":
+            self.enter_phase("Failed", NAME_CONFLICT, conflict.message)
+            self.warn(NAME_CONFLICT, conflict.message)
+
+    def wait_for_leftover(self, leftover: ChildLeftover) -> None:
+        """A child's name still holds an earlier job's object: say so; the next step tries again."""
+        self.status.message = str(leftover)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any
 import kopf
 
 from lmforge import API_GROUP, API_GROUP_VERSION, API_VERSION
-from lmforge.operator import children, metrics
+from lmforge.operator import admission, children, metrics
 from lmforge.operator import settings as _settings  # noqa: F401 - registers the startup and login handlers
 from lmforge.operator.admission import admit, validate
 from lmforge.operator.context import JobMemory, Manifest, Observed, Options
@@ -43,12 +42,17 @@ def _key(namespace: str | None, labels: Any) -> tuple[str | None, str, str]:
     return (namespace, labels.get(children.LABEL_KIND, ""), labels.get(children.LABEL_JOB, ""))
 
 
+def _owner_fields(meta: Any) -> dict[str, Any]:
+    """uid and owner references: the supervisor uses only children its job controls (see ownership)."""
+    return {"uid": meta.get("uid"), "ownerReferences": copy.deepcopy(list(meta.get("ownerReferences") or []))}
+
+
 @kopf.index("batch", "v1", "jobs", labels={children.LABEL_JOB: kopf.PRESENT})
-def lmforge_jobs(namespace: str, name: str, labels: Any, spec: Any, status: Any, **_: Any) -> dict[Any, Any]:
+def lmforge_jobs(namespace: str, name: str, labels: Any, meta: Any, spec: Any, status: Any, **_: Any) -> dict[Any, Any]:
     """Attempt Jobs by owning lmforge job: what the supervisor reads instead of the API."""
     return {
         _key(namespace, labels): {
-            "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+            "metadata": {"name": name, "namespace": namespace, "labels": dict(labels), **_owner_fields(meta)},
             "spec": {"completions": spec.get("completions")},
             "status": copy.deepcopy(dict(status)),
         }
@@ -57,7 +61,7 @@ def lmforge_jobs(namespace: str, name: str, labels: Any, spec: Any, status: Any,
 
 @kopf.index("v1", "pods", labels={children.LABEL_JOB: kopf.PRESENT})
 def lmforge_pods(
-    namespace: str, name: str, labels: Any, annotations: Any, spec: Any, status: Any, **_: Any
+    namespace: str, name: str, labels: Any, annotations: Any, meta: Any, spec: Any, status: Any, **_: Any
 ) -> dict[Any, Any]:
     """Pods by owning lmforge job: phases, exit codes, nodes and IPs for classification and progress."""
     return {
@@ -67,6 +71,7 @@ def lmforge_pods(
                 "namespace": namespace,
                 "labels": dict(labels),
                 "annotations": dict(annotations),
+                **_owner_fields(meta),
             },
             "spec": {"nodeName": spec.get("nodeName")},
             "status": copy.deepcopy(dict(status)),
@@ -142,11 +147,11 @@ async def supervise(
             # jobs see the same version, and the copy is most of an idle step's cost.
             version = _version(body)
             if seen is None or seen[0] != version:
-                copied = copy.deepcopy(dict(body))
-                seen = (version, copied, json.dumps(copied.get("spec"), sort_keys=True))
+                copied = admission.snapshot(body)  # bounded: a spec nested too deep is not copied
+                seen = (version, copied, admission.spec_key(copied.get("spec")))
             snapshot, spec_key = dict(seen[1]), seen[2]  # shallow: admission replaces "status" only
             if latest is not None and _version(latest) > version:
-                snapshot, spec_key = dict(latest), json.dumps(latest.get("spec"), sort_keys=True)
+                snapshot, spec_key = dict(latest), admission.spec_key(latest.get("spec"))
             if snapshot.get("metadata", {}).get("deletionTimestamp"):
                 break
             waker.generation = snapshot.get("metadata", {}).get("generation")

@@ -16,8 +16,9 @@ from typing import Any
 import kopf
 import kubernetes
 
+from lmforge.api.bounds import allow_api_nesting
 from lmforge.api.common import DEFAULT_PULL_POLICY, DEFAULT_TRAINER_IMAGE
-from lmforge.operator import metrics
+from lmforge.operator import metrics, patch_diff
 from lmforge.operator.children import PULL_POLICIES, TrainerDefaults
 from lmforge.operator.kube import Kube
 from lmforge.operator.network_policy import network_policy_settings_from_env
@@ -95,6 +96,8 @@ async def operator(
     """Run until ``stop_flag`` is set (or a signal, when on the main thread)."""
     from lmforge.operator import handlers  # noqa: F401 - registers the handlers
 
+    allow_api_nesting()  # before any thread starts: parse (and refuse) what the API server stores
+    patch_diff.skip_equal_subtrees()  # Kopf's finalizer patches stay linear in a deep body
     kube = Kube(kube_config or load_kube_config())
     # Supervisors run their (blocking) API calls in the default executor: size it like Kopf's.
     asyncio.get_running_loop().set_default_executor(

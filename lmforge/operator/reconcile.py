@@ -29,6 +29,7 @@ from lmforge.api.status import CompressionJobStatus, TrainingJobStatus
 from lmforge.operator import attempts, compression, preparing
 from lmforge.operator.context import JobMemory, Observed, Options, StepContext
 from lmforge.operator.kube import Kube
+from lmforge.operator.ownership import ChildLeftover, ForeignObject
 from lmforge.operator.status import TERMINAL
 
 
@@ -63,5 +64,12 @@ def step(context: StepContext) -> TrainingJobStatus | CompressionJobStatus:
 def reconcile(kube: Kube, observed: Observed, memory: JobMemory, options: Options) -> tuple[dict[str, Any], bool]:
     """Run one step: the full new status (as written to the API) and whether to delete the job (TTL)."""
     context = StepContext(kube, observed, memory, options)
-    status = step(context)
+    try:
+        status = step(context)
+    except ForeignObject as conflict:  # a child's name is taken: never adopted (see ownership)
+        context.refuse_foreign(conflict)
+        status = context.status
+    except ChildLeftover as leftover:  # an earlier job's child, being garbage collected: next step
+        context.wait_for_leftover(leftover)
+        status = context.status
     return status.to_manifest(), context.delete_owner

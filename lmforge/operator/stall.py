@@ -24,6 +24,8 @@ from lmforge.operator.status import set_condition
 
 STALLED = "Stalled"
 """Failure reason, condition and phase of a gang whose step stopped advancing."""
+LOSS_NOT_FINITE = "LossNotFinite"
+"""Reason of the Warning event when rank 0 reports an infinite or NaN (training or eval) loss."""
 
 
 def scrape(context: StepContext, pods: list[dict[str, Any]], force: bool = False) -> dict[str, float] | None:
@@ -44,18 +46,37 @@ def scrape(context: StepContext, pods: list[dict[str, Any]], force: bool = False
             return None
         url = f"http://{ip}:{port}/metrics"
     memory.last_scrape = clock
-    values = progress.scrape(url)
+    read = progress.scrape(url)
+    if read is None:  # not serving yet
+        return None
+    status = context.status
+    assert isinstance(status, TrainingJobStatus)
+    if read.unavailable is not None:  # keep the last values; the stall clock sees no step
+        status.progress = status.progress or Progress()
+        status.progress.message = f"progress unavailable: {read.unavailable}"
+        return None
+    values = read.values
     if values:
-        status = context.status
-        assert isinstance(status, TrainingJobStatus)
-        last_progress = status.progress.last_progress_time if status.progress else None
+        previous = status.progress
         status.progress = progress.to_progress(values, context.now)
-        status.progress.last_progress_time = last_progress
+        status.progress.last_progress_time = previous.last_progress_time if previous else None
+        _warn_when_not_finite(context, previous, status.progress)
         manifest = context.manifest
         if isinstance(manifest, TrainingJob):
             layout = contract.RunLayout(manifest.spec.output.uri, checkpoint_uri=manifest.spec.checkpoint.uri)
             status.last_checkpoint = progress.to_checkpoint(values, layout.checkpoints) or status.last_checkpoint
     return values
+
+
+def _warn_when_not_finite(context: StepContext, previous: Progress | None, current: Progress) -> None:
+    """One Warning event when the loss stops being finite (not on every scrape while it stays so)."""
+    if progress.loss_not_finite(current) and not progress.loss_not_finite(previous):
+        step = "" if current.step is None else f" at step {current.step}"
+        context.warn(
+            LOSS_NOT_FINITE,
+            f"{current.message}{step}: the training diverged; the gang keeps running (it is not stalled) "
+            "until it ends or is stopped: lower training.optimizer.lr or check the data",
+        )
 
 
 def start_clock(context: StepContext, current: Attempt, clock: float) -> None:
@@ -90,8 +111,9 @@ def watch_progress(context: StepContext, current: Attempt, pods: list[dict[str, 
         start_clock(context, current, clock)
     assert memory.last_advance is not None
     values = scrape(context, pods)
-    if values and "step" in values and int(values["step"]) != memory.last_step:
-        memory.last_step, memory.last_advance = int(values["step"]), clock
+    step = progress.step_of(values or {})
+    if step is not None and step != memory.last_step:
+        memory.last_step, memory.last_advance = step, clock
         mark_progress(context)
         if status.phase == STALLED or any(
             condition.type == STALLED and condition.status == "True" for condition in status.conditions
